@@ -1,0 +1,128 @@
+"""Exit criteria: per-sample scores computed from one exit's logits, and the rule that fires an exit.
+
+A criterion maps logits ``(B, C)`` to scores ``(B,)``; a sample leaves when its score is strictly
+below the threshold (``exits_when="below"``) or at least the threshold (``"above"``). A NaN score
+never fires.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BranchifyError
+
+__all__ = ["Criterion", "get_criterion", "register_criterion", "registered_criteria"]
+
+ScoreFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A named exit rule. ``needs_labels`` marks rules that read the target (not deployable)."""
+
+    name: str
+    score_fn: ScoreFn
+    exits_when: Literal["below", "above"]
+    needs_labels: bool = False
+
+    def score(self, logits: torch.Tensor, target: torch.Tensor | None = None,
+              temperature: float = 1.0) -> torch.Tensor:
+        """Per-sample scores of ``logits`` (after dividing by ``temperature``)."""
+        if temperature != 1.0:
+            logits = logits / temperature
+        if self.needs_labels:
+            if target is None:
+                raise BranchifyError(
+                    f"criterion {self.name!r} reads the labels, but no target was given; pass the "
+                    "target, or use a label-free criterion such as 'entropy' or 'confidence'")
+            return self.score_fn(logits, target)
+        return self.score_fn(logits)
+
+    def fires(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Boolean mask of samples that leave; NaN scores never leave."""
+        fired = scores < threshold if self.exits_when == "below" else scores >= threshold
+        return fired & ~torch.isnan(scores)
+
+    @property
+    def never(self) -> float:
+        """A threshold at which no sample fires (used to switch an exit off)."""
+        return -math.inf if self.exits_when == "below" else math.inf
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def _confidence(logits: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
+def _margin(logits: torch.Tensor) -> torch.Tensor:
+    probs = F.softmax(logits.float(), dim=-1)
+    if probs.shape[-1] < 2:
+        return probs[..., 0]
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def _distiller(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+_REGISTRY: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, score_fn: ScoreFn,
+                       exits_when: Literal["below", "above"] = "below") -> Criterion:
+    """Register a label-free exit criterion under ``name``.
+
+    ``score_fn(logits) -> scores`` maps ``(B, C)`` logits to ``(B,)`` scores. A registered name
+    can then be used in ``ExitSpec(criterion=...)`` or per exit.
+
+    >>> import torch, branchify as bx
+    >>> crit = bx.register_criterion("top_logit", lambda z: z.amax(dim=-1), exits_when="above")
+    >>> crit.fires(crit.score(torch.tensor([[3.0, 0.0], [0.1, 0.2]])), 1.0).tolist()
+    [True, False]
+    """
+    if not isinstance(name, str) or not name:
+        raise BranchifyError(f"criterion name must be a non-empty string, got {name!r}")
+    if exits_when not in ("below", "above"):
+        raise BranchifyError(f"exits_when must be 'below' or 'above', got {exits_when!r}")
+    if not callable(score_fn):
+        raise BranchifyError(f"score_fn for criterion {name!r} must be callable, got {score_fn!r}")
+    if name in _BUILTIN:
+        raise BranchifyError(f"criterion {name!r} is built in and cannot be replaced; choose another name")
+    crit = Criterion(name, score_fn, exits_when)
+    _REGISTRY[name] = crit
+    return crit
+
+
+def registered_criteria() -> list[str]:
+    """Names usable as a criterion."""
+    return sorted(_REGISTRY)
+
+
+def get_criterion(name: str) -> Criterion:
+    """The criterion registered as ``name``; unknown names list the registered ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BranchifyError(
+            f"unknown criterion {name!r}; registered: {registered_criteria()}. "
+            "Register your own with bx.register_criterion(name, score_fn, exits_when=...)") from None
+
+
+_BUILTIN = {
+    "entropy": Criterion("entropy", _entropy, "below"),
+    "confidence": Criterion("confidence", _confidence, "above"),
+    "margin": Criterion("margin", _margin, "above"),
+    "distiller": Criterion("distiller", _distiller, "below", needs_labels=True),
+}
+_REGISTRY.update(_BUILTIN)

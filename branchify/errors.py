@@ -1,0 +1,20 @@
+"""The one exception type for user mistakes."""
+
+from __future__ import annotations
+
+__all__ = ["BranchifyError"]
+
+
+class BranchifyError(ValueError):
+    """A user error: the message names the offending value and the way out.
+
+    It subclasses ``ValueError`` so that pydantic validators that raise it report it as a normal
+    validation error.
+
+    >>> import branchify as bx
+    >>> try:
+    ...     bx.ExitSpec.from_distiller_args(["layer1"], [0.5, 0.7], [0.3])
+    ... except bx.BranchifyError as err:
+    ...     print("rejected")
+    rejected
+    """

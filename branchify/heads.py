@@ -1,0 +1,187 @@
+"""Exit heads: small classifiers built to fit the activation at an exit point.
+
+Every size is inferred: a head's layers are run on a fake tensor of the exit point's shape, and the
+final ``Linear`` takes whatever comes out. A factory registered with ``register_head`` receives the
+inferred shape (without the batch dim), the layout, the number of classes and the ``HeadSpec``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torchvision.ops.misc import Permute
+
+from .errors import BranchifyError
+from .layout import Layout
+from .spec import HeadSpec
+
+__all__ = ["GlobalPool", "HeadFactory", "build_head", "register_head", "registered_heads"]
+
+HeadFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, HeadFactory] = {}
+
+
+class GlobalPool(nn.Module):
+    """Average over the spatial or token dims of a layout, or take the class token."""
+
+    def __init__(self, layout: Layout, token: str = "mean") -> None:
+        super().__init__()
+        if token == "cls" and layout is not Layout.NLC:
+            raise BranchifyError(
+                f"token='cls' takes the first token of a token sequence (NLC), but this exit's layout is "
+                f"{layout.value}; use token='mean'")
+        self.dims: list[int] = list(layout.spatial_dims)
+        self.take_first = token == "cls"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.take_first:
+            return x[:, 0]
+        if len(self.dims) == 0:
+            return x
+        return x.mean(dim=self.dims)
+
+    def extra_repr(self) -> str:
+        return "token=cls" if self.take_first else f"dims={self.dims}"
+
+
+def register_head(kind: str, factory: HeadFactory | None = None):
+    """Register a head kind by name (usable as ``HeadSpec(kind=...)``); works as a decorator.
+
+    The factory is called as ``factory(shape=..., layout=..., num_classes=..., spec=...)`` where
+    ``shape`` is the exit point's shape without the batch dim, and returns an ``nn.Module`` mapping
+    ``(B, *shape)`` to ``(B, num_classes)``.
+
+    >>> import torch, branchify as bx
+    >>> @bx.register_head("first_channel_linear")
+    ... def _(shape, layout, num_classes, spec):
+    ...     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+    >>> bx.HeadSpec(kind="first_channel_linear").kind
+    'first_channel_linear'
+    """
+    if not isinstance(kind, str) or not kind:
+        raise BranchifyError(f"head kind must be a non-empty string, got {kind!r}")
+    if kind in _BUILTIN:
+        raise BranchifyError(f"head kind {kind!r} is built in; register yours under another name")
+
+    def add(fn: HeadFactory) -> HeadFactory:
+        if not callable(fn):
+            raise BranchifyError(f"head factory for {kind!r} must be callable, got {fn!r}")
+        _REGISTRY[kind] = fn
+        return fn
+
+    return add(factory) if factory is not None else add
+
+
+def registered_heads() -> list[str]:
+    """Names usable as ``HeadSpec.kind``."""
+    return sorted(_REGISTRY)
+
+
+def _activation(name: str | None) -> list[nn.Module]:
+    return {"relu": [nn.ReLU()], "gelu": [nn.GELU()]}.get(name or "none", [])
+
+
+def _to_channels_first(layout: Layout, kind: str) -> list[nn.Module]:
+    if layout is Layout.NCHW:
+        return []
+    if layout is Layout.NHWC:
+        return [Permute([0, 3, 1, 2])]
+    raise BranchifyError(
+        f"head kind {kind!r} works on a spatial map (NCHW or NHWC), but this exit's layout is "
+        f"{layout.value}; use kind='linear' or kind='mlp', which pool over {layout.value}")
+
+
+def _fake_output_shape(layers: Sequence[nn.Module], shape: Sequence[int], what: str) -> torch.Size:
+    """Run ``layers`` on a fake ``(1, *shape)`` tensor; a layer that fails is named in the error."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.empty(1, *shape))
+        for layer in layers:
+            before = tuple(x.shape[1:])
+            try:
+                x = layer(x)
+            except Exception as err:  # torch reports shrinking maps as RuntimeError / ValueError
+                raise BranchifyError(
+                    f"{what}: {layer} cannot take an input of shape {before} ({_first_line(err)}); "
+                    "the map shrinks below 1x1: use a smaller stride or kernel_size, or fewer convs") from None
+            if any(d < 1 for d in x.shape[1:]):
+                raise BranchifyError(
+                    f"{what}: {layer} shrinks {before} to {tuple(x.shape[1:])}; use a smaller stride or "
+                    "kernel_size, or fewer convs")
+        return x.shape
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _linear_head(shape, layout, num_classes, spec):
+    pool = GlobalPool(layout, spec.token)
+    return nn.Sequential(pool, nn.Linear(shape[layout.channel_dim - 1], num_classes))
+
+
+def _mlp_head(shape, layout, num_classes, spec):
+    channels = shape[layout.channel_dim - 1]
+    hidden = spec.hidden or channels
+    return nn.Sequential(GlobalPool(layout, spec.token), nn.Linear(channels, hidden),
+                         *(_activation(spec.activation or "relu")), nn.Linear(hidden, num_classes))
+
+
+def _flatten_linear(layers: list[nn.Module], shape, num_classes: int, what: str) -> nn.Sequential:
+    layers.append(nn.Flatten())
+    features = _fake_output_shape(layers, shape, what)[1]
+    return nn.Sequential(*layers, nn.Linear(features, num_classes))
+
+
+def _conv_head(shape, layout, num_classes, spec):
+    layers = _to_channels_first(layout, "conv")
+    channels = shape[layout.channel_dim - 1]
+    for out in spec.channels:
+        layers.append(nn.Conv2d(channels, out, spec.kernel_size, spec.stride, spec.kernel_size // 2))
+        layers.extend(_activation(spec.activation))
+        channels = out
+    pool = nn.MaxPool2d if spec.pool == "max" else nn.AvgPool2d
+    layers.append(pool(3, 2, 1))
+    return _flatten_linear(layers, shape, num_classes, "conv head")
+
+
+def _pool_head(shape, layout, num_classes, spec):
+    layers = _to_channels_first(layout, "pool")
+    layers.append(nn.AvgPool2d(spec.kernel_size))
+    return _flatten_linear(layers, shape, num_classes, "pool head")
+
+
+_BUILTIN: dict[str, HeadFactory] = {
+    "linear": _linear_head, "conv": _conv_head, "pool": _pool_head, "mlp": _mlp_head,
+}
+_REGISTRY.update(_BUILTIN)
+
+
+def build_head(spec: HeadSpec, shape: Sequence[int], layout: Layout, num_classes: int, *,
+               where: str = "", device: torch.device | None = None,
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """Build the head ``spec`` describes for an activation of ``shape`` (no batch dim) and check it."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) + 1 != layout.ndim:
+        raise BranchifyError(
+            f"{where}: layout {layout.value} needs {layout.ndim}-D activations, but this point is "
+            f"{len(shape) + 1}-D (batch, {', '.join(map(str, shape))}); declare the right HeadSpec(layout=...)")
+    try:
+        head = _REGISTRY[spec.kind](shape=shape, layout=layout, num_classes=num_classes, spec=spec)
+    except BranchifyError as err:
+        raise BranchifyError(f"{where}: {err}") from None
+    if not isinstance(head, nn.Module):
+        raise BranchifyError(f"{where}: head factory {spec.kind!r} returned {type(head).__name__}, not an nn.Module")
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in head.parameters()):
+        with torch.no_grad():
+            head(torch.zeros(1, *shape))  # materialise lazy layers at their inferred size
+    head = head.to(device=device, dtype=dtype)
+    out = _fake_output_shape([head], shape, f"{where}: head {spec.kind!r}")
+    if tuple(out) != (1, num_classes):
+        raise BranchifyError(
+            f"{where}: head {spec.kind!r} maps (1, {', '.join(map(str, shape))}) to {tuple(out)}, "
+            f"but an exit must give (batch, {num_classes}) logits")
+    return head

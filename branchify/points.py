@@ -1,0 +1,153 @@
+"""Exit points: the places in a model where an exit can attach, with shape, layout and cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from .errors import BranchifyError
+from .layout import Layout, layout_from_shape, propagate_channel_dims
+from .propagate import NodeFacts, propagate
+from .trace import QUALNAME, Traced, ancestors, as_tuple, depends_on_input, final_output_nodes, trace_model
+
+__all__ = ["ExitPointInfo", "list_exit_points"]
+
+
+@dataclass(frozen=True)
+class ExitPointInfo:
+    """One attachable point.
+
+    ``name`` is what ``ExitPoint(layer=...)`` accepts; ``node`` the graph node it resolves to;
+    ``shape`` the per-sample shape (no batch dim); ``layout`` None when the graph does not
+    determine it; ``macs`` the per-sample MACs spent up to and including this point and
+    ``macs_fraction`` their share of the whole model's.
+    """
+
+    name: str
+    node: str
+    shape: tuple[int, ...]
+    layout: Layout | None
+    macs: float
+    macs_fraction: float
+
+    def __str__(self) -> str:
+        layout = self.layout.value if self.layout else "?"
+        shape = "x".join(map(str, self.shape))
+        return f"{self.name:<32} {shape:<14} {layout:<5} {self.macs / 1e6:10.2f} MMACs {self.macs_fraction:7.1%}"
+
+
+class Analysis:
+    """Everything the fake pass tells about a traced model's eval graph."""
+
+    def __init__(self, traced: Traced, example_inputs) -> None:
+        self.traced = traced
+        self.inputs = as_tuple(example_inputs)
+        self.graph = traced.graphs[False]
+        self.gm = fx.GraphModule(traced.model, self.graph)
+        self.facts, self.output = propagate(self.gm, self.inputs)
+        self.batch = self._batch_size()
+        shapes = {k: f.shape for k, f in self.facts.items() if f.shape is not None}
+        self.cdims = propagate_channel_dims(self.gm, shapes)
+        self.order = {n.name: i for i, n in enumerate(self.graph.nodes)}
+        self.outputs = final_output_nodes(self.graph)
+        self.feeds_output: set[fx.Node] = set().union(*(ancestors(n) for n in self.outputs))
+        cumulative, total = {}, 0.0
+        for node in self.graph.nodes:
+            total += self.facts[node.name].macs if node.name in self.facts else 0.0
+            cumulative[node.name] = total
+        self.cumulative_macs = cumulative
+        self.total_macs = total
+
+    def _batch_size(self) -> int:
+        first = self.inputs[0] if self.inputs else None
+        return int(first.shape[0]) if first is not None and getattr(first, "ndim", 0) > 0 else 1
+
+    def input_spatial(self) -> tuple[int, ...] | None:
+        first = self.inputs[0]
+        return tuple(first.shape[-2:]) if getattr(first, "ndim", 0) == 4 else None
+
+    def facts_of(self, node: fx.Node) -> NodeFacts:
+        return self.facts[node.name]
+
+    def problem(self, node: fx.Node) -> str | None:
+        """Why ``node`` cannot carry an exit, or None when it can."""
+        facts = self.facts.get(node.name)
+        if facts is None or facts.shape is None:
+            return "its value is not a tensor; pick a layer whose output is a tensor"
+        if node in self.outputs:
+            return ("it is the model's final output, which is already the last exit; pick an earlier layer")
+        if node not in self.feeds_output:
+            return ("it is not on the path to the final output (it comes after it, or the output does not use "
+                    "it); pick a layer that the final output depends on")
+        if len(facts.shape) < 2 or not depends_on_input(node):
+            return (f"its value (shape {facts.shape}) is not a per-sample activation computed from the input; "
+                    "pick a layer that transforms the input")
+        return None
+
+    def layout_of(self, node: fx.Node) -> Layout | None:
+        shape = self.facts[node.name].shape
+        assert shape is not None
+        cdim = self.cdims.get(node.name)
+        if cdim is not None:
+            return Layout.from_channel_dim(len(shape), cdim)
+        return layout_from_shape(shape, self.input_spatial())
+
+    def info(self, name: str, node: fx.Node) -> ExitPointInfo:
+        shape = self.facts[node.name].shape
+        assert shape is not None
+        macs = self.cumulative_macs[node.name] / self.batch
+        return ExitPointInfo(name=name, node=node.meta.get(QUALNAME, node.name), shape=tuple(shape[1:]),
+                             layout=self.layout_of(node), macs=macs,
+                             macs_fraction=macs * self.batch / self.total_macs if self.total_macs else 0.0)
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """The model's children and grandchildren, and the members of containers among them."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    paths: list[str] = []
+
+    def visit(module: nn.Module, prefix: str, depth: int) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            paths.append(path)
+            if depth < 2 or isinstance(child, containers):
+                visit(child, path + ".", depth + 1)
+
+    visit(model, "", 1)
+    return paths
+
+
+def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = False) -> list[ExitPointInfo]:
+    """The points of ``model`` where an exit can attach, in graph order.
+
+    By default the block boundaries (the model's children and grandchildren, and the members of
+    containers among them); ``all_nodes=True`` lists every tensor-valued node by the name
+    ``get_graph_node_names`` gives it. Shapes and MACs come from one pass with fake tensors.
+
+    >>> import torch, torchvision, branchify as bx
+    >>> points = bx.list_exit_points(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    >>> [(p.name, p.shape) for p in points if p.name in ("layer1", "layer2")]
+    [('layer1', (64, 16, 16)), ('layer2', (128, 8, 8))]
+    >>> round(points[-1].macs_fraction, 3) < 1.0
+    True
+    """
+    traced = trace_model(model)
+    analysis = Analysis(traced, example_inputs)
+    if all_nodes:
+        names = [(n.meta.get(QUALNAME, n.name), n) for n in analysis.graph.nodes]
+    else:
+        names = []
+        for path in block_paths(model):
+            try:
+                names.append((path, traced.resolve(path, False, what="list")))
+            except BranchifyError:
+                continue  # a module that the eval forward never calls
+    seen: set[str] = set()
+    found = []
+    for name, node in names:
+        if node.name in seen or analysis.problem(node) is not None:
+            continue
+        seen.add(node.name)
+        found.append((analysis.order[node.name], analysis.info(name, node)))
+    return [info for _, info in sorted(found, key=lambda pair: pair[0])]

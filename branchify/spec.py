@@ -1,0 +1,227 @@
+"""The declarative exit spec: where the exits go, what their heads look like, how they fire."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+from .errors import BranchifyError
+from .layout import Layout
+
+__all__ = ["ExitPoint", "ExitSpec", "HeadSpec"]
+
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_BUILTIN_KIND_FIELDS = {
+    "linear": set(),
+    "conv": {"channels", "kernel_size", "stride", "pool", "activation"},
+    "pool": {"kernel_size"},
+    "mlp": {"hidden", "activation"},
+}
+_KIND_SPECIFIC = {"channels", "kernel_size", "stride", "pool", "hidden", "activation"}
+
+
+class HeadSpec(BaseModel):
+    """The shape of one exit head; sizes are inferred from the exit point, never typed.
+
+    Kinds: ``"linear"`` (global average pool + linear, the default), ``"conv"`` (Distiller's
+    ImageNet head: convs -> max/avg pool k3 s2 p1 -> flatten -> linear), ``"pool"`` (Distiller's
+    CIFAR head: avg pool ``kernel_size`` -> flatten -> linear), ``"mlp"`` (pool -> linear ->
+    activation -> linear), or any kind added with ``bx.register_head``.
+
+    >>> import branchify as bx
+    >>> bx.HeadSpec(kind="conv", channels=[12], kernel_size=7, stride=2, pool="max").kind
+    'conv'
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = "linear"
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    kernel_size: Annotated[int, Field(gt=0)] = 3
+    stride: Annotated[int, Field(gt=0)] = 1
+    pool: Literal["max", "avg"] = "max"
+    hidden: Annotated[int, Field(gt=0)] | None = None
+    activation: Literal["relu", "gelu", "none"] | None = None
+    layout: Layout | None = None
+    token: Literal["mean", "cls"] = "mean"
+    options: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from .heads import registered_heads
+
+        if kind not in registered_heads():
+            raise BranchifyError(
+                f"unknown head kind {kind!r}; registered: {registered_heads()}. "
+                "Add your own with bx.register_head(kind, factory)")
+        return kind
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> HeadSpec:
+        allowed = _BUILTIN_KIND_FIELDS.get(self.kind)
+        if allowed is None:
+            return self  # a registered kind reads whatever fields it wants
+        stray = sorted((self.model_fields_set & _KIND_SPECIFIC) - allowed)
+        if stray:
+            raise BranchifyError(
+                f"head kind {self.kind!r} does not use {stray}; drop them, or pick a kind that does "
+                "(channels/stride/pool: 'conv'; hidden: 'mlp'; kernel_size: 'conv' or 'pool')")
+        if self.kind == "conv" and not self.channels:
+            raise BranchifyError("head kind 'conv' needs channels, e.g. HeadSpec(kind='conv', channels=[10])")
+        return self
+
+
+class ExitPoint(BaseModel):
+    """One early exit: where it attaches, its head, and how it fires and trains.
+
+    ``layer`` is a dotted module path (``"layer1"``, ``"features.3"``: the exit reads the module's
+    output) or a node name as ``torchvision.models.feature_extraction.get_graph_node_names``
+    reports it (``"layer1.0.relu_1"``). ``criterion`` overrides the spec's criterion for this exit;
+    ``temperature`` divides the logits before the criterion (set by ``bx.calibrate``).
+
+    >>> import branchify as bx
+    >>> bx.ExitPoint(layer="layer1", threshold=1.2, weight=0.1).head.kind
+    'linear'
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: Annotated[str, Field(min_length=1)]
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    threshold: NonNegative | None = None
+    weight: NonNegative | None = None
+    criterion: str | None = None
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, name: str | None) -> str | None:
+        if name is not None:
+            from .criteria import get_criterion
+
+            get_criterion(name)
+        return name
+
+
+class ExitSpec(BaseModel):
+    """All exits of a model, and the exit criterion.
+
+    Loss weights are for the early exits; the final exit gets ``1 - sum(weights)``, so the sum
+    must stay below 1 (Distiller's convention). Thresholds are given for every exit or for none,
+    and so are weights.
+
+    >>> import branchify as bx
+    >>> spec = bx.ExitSpec(exits=[
+    ...     bx.ExitPoint(layer="layer1", threshold=1.2, weight=0.1),
+    ...     bx.ExitPoint(layer="layer2", threshold=0.9, weight=0.3,
+    ...                  head=bx.HeadSpec(kind="conv", channels=[12], kernel_size=7, stride=2, pool="max")),
+    ... ])
+    >>> round(spec.final_weight, 3), spec.thresholds
+    (0.6, [1.2, 0.9])
+    >>> bx.ExitSpec.model_validate_json(spec.model_dump_json()) == spec
+    True
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    exits: list[ExitPoint]
+    criterion: str = "entropy"
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, name: str) -> str:
+        from .criteria import get_criterion
+
+        get_criterion(name)
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExitSpec:
+        if not self.exits:
+            raise BranchifyError("an ExitSpec needs at least one exit, e.g. exits=[ExitPoint(layer='layer1')]")
+        seen: dict[str, int] = {}
+        for i, point in enumerate(self.exits):
+            if point.layer in seen:
+                raise BranchifyError(
+                    f"exit {i} repeats layer {point.layer!r} (already exit {seen[point.layer]}); "
+                    "each layer can carry one exit")
+            seen[point.layer] = i
+        for field in ("threshold", "weight"):
+            given = [i for i, p in enumerate(self.exits) if getattr(p, field) is not None]
+            if given and len(given) != len(self.exits):
+                missing = [f"exit {i} ({p.layer!r})" for i, p in enumerate(self.exits)
+                           if getattr(p, field) is None]
+                raise BranchifyError(
+                    f"{field}s must be given for all exits or for none; missing for {', '.join(missing)}")
+        weights = self.weights
+        if weights is not None and not math.fsum(weights) < 1:
+            parts = " + ".join(f"{w:g} (exit {i}, {p.layer!r})" for i, (w, p) in enumerate(zip(weights, self.exits)))
+            raise BranchifyError(
+                f"exit loss weights sum to {math.fsum(weights):g} = {parts}; the sum must be < 1 because "
+                "the final exit gets 1 - sum. Lower the weights")
+        return self
+
+    @property
+    def layers(self) -> list[str]:
+        return [p.layer for p in self.exits]
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """The exit thresholds, or None when the spec has none."""
+        values = [p.threshold for p in self.exits]
+        return None if values[0] is None else [float(v) for v in values]  # type: ignore[arg-type]
+
+    @property
+    def weights(self) -> list[float] | None:
+        """The early exits' loss weights, or None when the spec has none."""
+        values = [p.weight for p in self.exits]
+        return None if values[0] is None else [float(v) for v in values]  # type: ignore[arg-type]
+
+    @property
+    def final_weight(self) -> float:
+        """The final exit's loss weight, ``1 - sum(weights)`` (1 when no weights are given)."""
+        return 1.0 - math.fsum(self.weights or [])
+
+    def criterion_of(self, index: int) -> str:
+        """The criterion name exit ``index`` uses (its own override, else the spec's)."""
+        return self.exits[index].criterion or self.criterion
+
+    def with_exits(self, **changes: Sequence[Any]) -> ExitSpec:
+        """A copy with per-exit fields replaced, e.g. ``spec.with_exits(threshold=[0.5, 0.7])``."""
+        exits = list(self.exits)
+        for field, values in changes.items():
+            if len(values) != len(exits):
+                raise BranchifyError(f"{len(values)} values for {field!r}, but the spec has {len(exits)} exits")
+            exits = [p.model_copy(update={field: v}) for p, v in zip(exits, values)]
+        return type(self).model_validate({**self.model_dump(), "exits": [p.model_dump() for p in exits]})
+
+    @classmethod
+    def from_distiller_args(cls, layers: Sequence[str], thresholds: Sequence[float] | None,
+                            lossweights: Sequence[float] | None, *, head: HeadSpec | None = None,
+                            criterion: str = "entropy") -> ExitSpec:
+        """Build a spec from Distiller's ``--earlyexit_thresholds`` / ``--earlyexit_lossweights``.
+
+        Counts are checked against the exit layers before anything runs (Distiller crashed
+        mid-epoch when they disagreed, its issue #103).
+
+        >>> import branchify as bx
+        >>> bx.ExitSpec.from_distiller_args(["layer1", "layer2"], [1.2, 0.9], [0.1, 0.3]).weights
+        [0.1, 0.3]
+        """
+        layers = list(layers)
+        for flag, values in (("--earlyexit_thresholds", thresholds), ("--earlyexit_lossweights", lossweights)):
+            if values is not None and len(values) != len(layers):
+                raise BranchifyError(
+                    f"{flag} has {len(values)} value(s) {list(values)} but there are {len(layers)} exit "
+                    f"layer(s) {layers}; give exactly one value per exit (the final exit takes none)")
+        points = [
+            ExitPoint(layer=layer, head=head or HeadSpec(),
+                      threshold=None if thresholds is None else thresholds[i],
+                      weight=None if lossweights is None else lossweights[i])
+            for i, layer in enumerate(layers)
+        ]
+        return cls(exits=points, criterion=criterion)

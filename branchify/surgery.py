@@ -1,0 +1,218 @@
+"""The surgery: an unmodified model in, a multi-output GraphModule out.
+
+The returned module computes the original graph unchanged and, right after each exit point, runs
+that exit's head; its forward returns ``(exit_0, ..., exit_{k-1}, final)``. It keeps a train and an
+eval graph and switches between them with ``.train()``/``.eval()``, so behaviour that tracing would
+freeze (auxiliary outputs, mode-dependent branches) follows the mode as in the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import fx, nn
+from torch.fx.graph_module import _assign_attr
+
+from .errors import BranchifyError
+from .heads import build_head
+from .layout import Layout
+from .points import Analysis, ExitPointInfo
+from .spec import ExitSpec
+from .trace import QUALNAME, ancestors, as_tuple, final_output_nodes, trace_model
+
+__all__ = ["ExitModule", "attach_exits"]
+
+HEADS = "exit_heads"
+
+
+class ExitModule(fx.GraphModule):
+    """A traced model with exit heads; ``forward`` returns ``(exit_0, ..., exit_{k-1}, final)``.
+
+    Attributes: ``exit_spec`` (the spec, exits in graph order), ``exit_heads`` (``nn.ModuleList``),
+    ``exit_points`` (``ExitPointInfo`` per exit), ``num_classes``, ``exit_path`` (``"fx"``).
+    The backbone's parameters are shared with the model it was made from, as with
+    ``torchvision.models.feature_extraction.create_feature_extractor``.
+    """
+
+    exit_path = "fx"
+
+    def __init__(self, root: Mapping[str, object], graphs: dict[bool, fx.Graph], *, exit_spec: ExitSpec,
+                 exit_points: list[ExitPointInfo], num_classes: int, training: bool = False) -> None:
+        super().__init__(dict(root), graphs[training], class_name="ExitModule")
+        for graph in graphs.values():
+            for node in graph.nodes:
+                if node.op in ("get_attr", "call_module") and not _has_attr(self, node.target):
+                    _assign_attr(root[node.target], self, node.target)
+        heads = [root[f"{HEADS}.{i}"] for i in range(len(exit_points))]
+        self.exit_heads = nn.ModuleList(heads)
+        self._graphs = graphs
+        self.exit_spec = exit_spec
+        self.exit_points = exit_points
+        self.num_classes = num_classes
+        # Only the wrapper's flag: shared backbone modules keep the flags they had in the model.
+        self.training = training
+        self.exit_heads.train(training)
+
+    def train(self, mode: bool = True) -> ExitModule:
+        if self._graphs[mode] is not self.graph:
+            self.graph = self._graphs[mode]
+            self.recompile()
+        return super().train(mode)
+
+    def __deepcopy__(self, memo: dict) -> ExitModule:
+        targets = {node.target for graph in self._graphs.values() for node in graph.nodes
+                   if node.op in ("get_attr", "call_module")}
+        targets |= {f"{HEADS}.{i}" for i in range(len(self.exit_heads))}
+        root = {t: copy.deepcopy(_get_attr(self, t), memo) for t in sorted(targets)}
+        graphs = {mode: copy.deepcopy(graph) for mode, graph in self._graphs.items()}
+        clone = type(self)(root, graphs, exit_spec=self.exit_spec, exit_points=list(self.exit_points),
+                           num_classes=self.num_classes, training=self.training)
+        memo[id(self)] = clone
+        return clone
+
+
+def _get_attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    try:
+        _get_attr(module, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _as_spec(spec) -> ExitSpec:
+    if isinstance(spec, ExitSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return ExitSpec.model_validate(spec)
+    raise BranchifyError(
+        f"spec must be a bx.ExitSpec (or a dict of one), got {type(spec).__name__}; "
+        "e.g. bx.ExitSpec(exits=[bx.ExitPoint(layer='layer1')])")
+
+
+def _num_classes(output) -> int:
+    if isinstance(output, torch.Tensor) and output.ndim == 2:
+        return int(output.shape[1])
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    raise BranchifyError(
+        f"the model's eval output is {shape}, but branchify needs a classifier whose eval output is "
+        "a (batch, num_classes) tensor")
+
+
+def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
+                 leaf_modules: list[type] | None = None) -> nn.Module:
+    """Attach the exits of ``spec`` to ``model`` and return a multi-output module.
+
+    The model is traced with torch.fx; each exit's layer resolves to a graph node (a module path
+    to the last node inside that module); shapes and layouts come from a pass with fake tensors
+    over ``example_inputs`` (any batch size: nothing is computed). The result's forward returns
+    ``(exit_0, ..., exit_{k-1}, final)``, exits in graph order whatever order the spec lists them,
+    and ``final`` is the original model's output, bit for bit. ``model`` is not modified; the
+    result shares its parameters. ``leaf_modules`` are module types not to trace through.
+
+    Models that torch.fx cannot trace get the same exits through forward hooks, with a warning
+    (``result.exit_path == "hooks"``).
+
+    >>> import torch, torchvision, branchify as bx
+    >>> model = torchvision.models.resnet18().eval()
+    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer2"), bx.ExitPoint(layer="layer1")])
+    >>> module = bx.attach_exits(model, spec, torch.randn(1, 3, 64, 64)).eval()
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> outputs = module(x)
+    >>> [tuple(o.shape) for o in outputs]
+    [(2, 1000), (2, 1000), (2, 1000)]
+    >>> module.exit_spec.layers, torch.equal(outputs[-1], model(x))
+    (['layer1', 'layer2'], True)
+    """
+    spec = _as_spec(spec)
+    inputs = as_tuple(example_inputs)
+    try:
+        traced = trace_model(model, leaf_modules)
+    except BranchifyError:
+        raise
+    except Exception as err:  # torch.fx cannot trace it: data-dependent control flow and the like
+        from .fallback import attach_exits_with_hooks
+
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(
+            f"torch.fx cannot trace {type(model).__name__} ({reason}); attaching exits with forward hooks "
+            "instead. Exits must then name modules, and the runtime cannot compact batches inside the forward",
+            stacklevel=2)
+        return attach_exits_with_hooks(model, spec, inputs, reason=reason)
+    analysis = Analysis(traced, inputs)
+    num_classes = _num_classes(analysis.output)
+
+    anchors = []  # (eval node, train node, spec index)
+    for index, point in enumerate(spec.exits):
+        what = f"exit {index} (layer {point.layer!r})"
+        node = traced.resolve(point.layer, False, what=what)
+        problem = analysis.problem(node)
+        if problem is not None:
+            raise BranchifyError(f"{what}: cannot attach at node {node.meta.get(QUALNAME, node.name)!r}: {problem}")
+        train_node = traced.resolve(point.layer, True, what=what)
+        train_outputs = final_output_nodes(traced.graphs[True])
+        if train_node in train_outputs or not any(train_node in ancestors(o) for o in train_outputs):
+            raise BranchifyError(f"{what}: in train mode the layer does not feed the output; pick an earlier layer")
+        anchors.append((node, train_node, index))
+    anchors.sort(key=lambda a: analysis.order[a[0].name])
+    for (a, _, i), (b, _, j) in zip(anchors, anchors[1:]):
+        if a is b:
+            raise BranchifyError(
+                f"exits {i} ({spec.exits[i].layer!r}) and {j} ({spec.exits[j].layer!r}) resolve to the same node "
+                f"{a.meta.get(QUALNAME, a.name)!r}; keep one of them")
+
+    ordered = [spec.exits[i] for _, _, i in anchors]
+    exit_spec = spec.model_copy(update={"exits": ordered})
+    root: dict[str, object] = {}
+    points: list[ExitPointInfo] = []
+    for k, (node, _, i) in enumerate(anchors):
+        point = spec.exits[i]
+        what = f"exit {i} (layer {point.layer!r})"
+        facts = analysis.facts_of(node)
+        layout = _layout(point.head.layout, analysis.layout_of(node), facts.shape, what)
+        info = analysis.info(point.layer, node)
+        points.append(ExitPointInfo(info.name, info.node, info.shape, layout, info.macs, info.macs_fraction))
+        root[f"{HEADS}.{k}"] = build_head(point.head, facts.shape[1:], layout, num_classes, where=what,
+                                          device=facts.device, dtype=facts.dtype)
+
+    graphs = {}
+    for training in (True, False):
+        graph = traced.graphs[training]
+        heads = []
+        for k, (eval_node, train_node, _) in enumerate(anchors):
+            anchor = train_node if training else eval_node
+            with graph.inserting_after(anchor):
+                heads.append(graph.create_node("call_module", f"{HEADS}.{k}", (anchor,), name=f"exit_head_{k}"))
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        output.args = ((*heads, output.args[0]),)
+        output.type = None
+        graphs[training] = graph
+        for node in graph.nodes:
+            if node.op in ("get_attr", "call_module") and node.target not in root:
+                root[node.target] = _get_attr(model, node.target)
+    return ExitModule(root, graphs, exit_spec=exit_spec, exit_points=points, num_classes=num_classes,
+                      training=model.training)
+
+
+def _layout(declared: Layout | None, inferred: Layout | None, shape, what: str) -> Layout:
+    if declared is not None:
+        if declared.ndim != len(shape):
+            raise BranchifyError(
+                f"{what}: declared layout {declared.value} is {declared.ndim}-D but the activation has shape "
+                f"{tuple(shape)}; declare a layout with {len(shape)} dims")
+        return declared
+    if inferred is None:
+        options = [layout.value for layout in Layout if layout.ndim == len(shape)]
+        raise BranchifyError(
+            f"{what}: cannot tell the layout of an activation of shape {tuple(shape)} from the graph; "
+            f"declare it, e.g. HeadSpec(layout={options[0]!r}) (options for {len(shape)}-D: {options})")
+    return inferred
