@@ -7,6 +7,7 @@
 3
 """
 
+from .cost import ExitCosts, exit_costs
 from .criteria import register_criterion
 from .errors import BranchifyError
 from .heads import register_head
@@ -17,6 +18,7 @@ from .surgery import ExitModule, attach_exits
 
 __all__ = [
     "BranchifyError",
+    "ExitCosts",
     "ExitModule",
     "ExitPoint",
     "ExitPointInfo",
@@ -24,6 +26,7 @@ __all__ = [
     "HeadSpec",
     "Layout",
     "attach_exits",
+    "exit_costs",
     "list_exit_points",
     "register_criterion",
     "register_head",

@@ -65,7 +65,9 @@ class HeadSpec(BaseModel):
         allowed = _BUILTIN_KIND_FIELDS.get(self.kind)
         if allowed is None:
             return self  # a registered kind reads whatever fields it wants
-        stray = sorted((self.model_fields_set & _KIND_SPECIFIC) - allowed)
+        fields = type(self).model_fields
+        stray = sorted(f for f in _KIND_SPECIFIC - allowed
+                       if getattr(self, f) != fields[f].get_default(call_default_factory=True))
         if stray:
             raise BranchifyError(
                 f"head kind {self.kind!r} does not use {stray}; drop them, or pick a kind that does "

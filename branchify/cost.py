@@ -1,0 +1,116 @@
+"""Compute cost of early exits, in multiply-accumulates (MACs) per sample.
+
+Counted by ``torch.utils.flop_counter`` (FLOPs / 2) while the module runs on fake tensors, so no
+real compute happens. A sample that leaves at exit ``i`` has paid for the backbone up to exit ``i``
+and for every head it was judged by on the way (heads ``0..i``); a sample that goes all the way
+pays for the whole backbone and all heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import BranchifyError
+from .propagate import propagate
+from .trace import as_tuple, restore_modes
+
+__all__ = ["ExitCosts", "exit_costs"]
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """Per-sample MACs of leaving at each exit.
+
+    ``exits[i]``: backbone up to exit ``i`` plus heads ``0..i``; ``full``: the whole backbone plus
+    every head (a sample that no exit takes); ``original``: the unmodified model; ``backbone[i]``
+    and ``heads[i]``: the parts.
+    """
+
+    exits: list[float]
+    full: float
+    original: float
+    backbone: list[float]
+    heads: list[float]
+
+    @property
+    def per_exit(self) -> list[float]:
+        """``exits`` followed by ``full``: the cost of leaving at each of the k + 1 exits."""
+        return [*self.exits, self.full]
+
+    def expected(self, shares: Sequence[float]) -> float:
+        """Expected MACs per sample given the share leaving at each of the k + 1 exits."""
+        costs = self.per_exit
+        if len(shares) != len(costs):
+            raise BranchifyError(f"{len(shares)} shares for {len(costs)} exits (k early exits + the final one)")
+        return float(sum(s * c for s, c in zip(shares, costs)))
+
+    def saving(self, shares: Sequence[float]) -> float:
+        """Fraction of the original model's MACs saved: ``1 - expected / original``."""
+        return 1.0 - self.expected(shares) / self.original
+
+
+def _costs(backbone: list[float], heads: list[float], total_backbone: float) -> ExitCosts:
+    exits = [b + sum(heads[: i + 1]) for i, b in enumerate(backbone)]
+    return ExitCosts(exits=exits, full=total_backbone + sum(heads), original=total_backbone,
+                     backbone=backbone, heads=heads)
+
+
+def _head_macs(head: nn.Module, shape: tuple[int, ...]) -> float:
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.empty(1, *shape))
+        with FlopCounterMode(display=False) as counter:
+            head(x)
+    return counter.get_total_flops() / 2
+
+
+def exit_costs(module: nn.Module, example_inputs) -> ExitCosts:
+    """Per-sample MACs of each exit of a module made by ``bx.attach_exits``.
+
+    >>> import torch, torchvision, branchify as bx
+    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1"), bx.ExitPoint(layer="layer2")])
+    >>> x = torch.randn(1, 3, 224, 224)
+    >>> costs = bx.exit_costs(bx.attach_exits(torchvision.models.resnet50(), spec, x), x)
+    >>> round(costs.original / 1e9, 3), costs.exits[0] < costs.exits[1] < costs.full
+    (4.089, True)
+    """
+    heads_list = getattr(module, "exit_heads", None)
+    if heads_list is None or not hasattr(module, "exit_spec"):
+        raise BranchifyError(
+            f"exit_costs needs a module made by bx.attach_exits, got {type(module).__name__}")
+    inputs = as_tuple(example_inputs)
+    batch = int(inputs[0].shape[0]) if inputs and getattr(inputs[0], "ndim", 0) else 1
+    if getattr(module, "exit_path", "fx") == "hooks":
+        return _hook_costs(module, inputs, batch)
+    facts, _ = propagate(module, inputs)
+    backbone, heads, running = [], [], 0.0
+    for node in module.graph.nodes:
+        macs = facts[node.name].macs if node.name in facts else 0.0
+        if node.op == "call_module" and str(node.target).startswith("exit_heads."):
+            backbone.append(running / batch)
+            heads.append(macs / batch)
+        else:
+            running += macs
+    return _costs(backbone, heads, running / batch)
+
+
+def _hook_costs(module: nn.Module, inputs: tuple, batch: int) -> ExitCosts:
+    seen: dict[int, tuple[float, tuple[int, ...]]] = {}
+    snapshot = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module.run_with_hooks(
+                lambda i, out: seen.__setitem__(i, (counter.get_total_flops() / 2, tuple(out.shape[1:]))),
+                *inputs)
+            total = counter.get_total_flops() / 2
+    finally:
+        restore_modes(snapshot)
+    backbone = [seen[i][0] / batch for i in range(len(module.exit_heads))]
+    heads = [_head_macs(h, seen[i][1]) for i, h in enumerate(module.exit_heads)]
+    return _costs(backbone, heads, total / batch)

@@ -1,0 +1,50 @@
+"""The multi-output convention: ``(exit_0, ..., exit_{k-1}, final)``.
+
+Early exits give ``(B, C)`` logits. The final output is the original model's: a tensor, or in train
+mode for googlenet / inception_v3 a namedtuple whose first field is the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import BranchifyError
+
+__all__ = ["final_logits", "split_outputs"]
+
+
+def final_logits(final) -> torch.Tensor:
+    """The logits of a final output (the first field of a namedtuple such as ``GoogLeNetOutputs``)."""
+    if isinstance(final, torch.Tensor):
+        return final
+    if isinstance(final, tuple) and final and isinstance(final[0], torch.Tensor):
+        return final[0]
+    raise BranchifyError(f"the final output is {type(final).__name__}, not logits (a tensor or a namedtuple of them)")
+
+
+def split_outputs(outputs: Sequence, num_exits: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Split ``(exit_0, ..., exit_{k-1}, final)`` into the exit logits and the final logits.
+
+    >>> import torch
+    >>> exits, final = split_outputs((torch.zeros(2, 3), torch.ones(2, 3)), 1)
+    >>> len(exits), final.shape
+    (1, torch.Size([2, 3]))
+    """
+    if isinstance(outputs, torch.Tensor) or not isinstance(outputs, Sequence):
+        raise BranchifyError(
+            f"expected the tuple (exit_0, ..., final) that an attach_exits module returns, got "
+            f"{type(outputs).__name__}")
+    if len(outputs) != num_exits + 1:
+        raise BranchifyError(
+            f"got {len(outputs)} outputs but the spec has {num_exits} exits, so {num_exits + 1} outputs "
+            "(exits + final) are expected; pass the module's whole output tuple with the spec it was built from")
+    exits = list(outputs[:-1])
+    final = final_logits(outputs[-1])
+    for i, logits in enumerate(exits):
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape != final.shape:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise BranchifyError(f"exit {i} output is {shape}; every exit must give logits shaped like the final "
+                                 f"output {tuple(final.shape)}")
+    return exits, final
