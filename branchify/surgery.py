@@ -68,7 +68,9 @@ class ExitModule(fx.GraphModule):
         targets |= {f"{HEADS}.{i}" for i in range(len(self.exit_heads))}
         root = {t: copy.deepcopy(_get_attr(self, t), memo) for t in sorted(targets)}
         graphs = {mode: copy.deepcopy(graph) for mode, graph in self._graphs.items()}
-        clone = type(self)(root, graphs, exit_spec=self.exit_spec, exit_points=list(self.exit_points),
+        # type(self) is torch.fx's per-instance GraphModuleImpl; constructing through it skips __init__.
+        cls = next(c for c in type(self).__mro__ if not c.__qualname__.endswith("GraphModuleImpl"))
+        clone = cls(root, graphs, exit_spec=self.exit_spec, exit_points=list(self.exit_points),
                            num_classes=self.num_classes, training=self.training)
         memo[id(self)] = clone
         return clone

@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+
+import branchify as bx
+from branchify import criteria
+from branchify.criteria import exit_mask, get_criterion, route
+
+
+@pytest.fixture(autouse=True)
+def _private_registry(monkeypatch):
+    # register_criterion writes to a module-level registry: keep each test's registrations to itself
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
+
+
+def _softmax(row):
+    top = max(row)
+    exps = [math.exp(z - top) for z in row]
+    return [e / sum(exps) for e in exps]
+
+
+LOGITS = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [5.0, 4.9, -3.0, 1.0]])
+
+
+def test_entropy_is_softmax_entropy_in_nats():
+    scores = get_criterion("entropy").score(LOGITS)
+    expected = [-sum(p * math.log(p) for p in _softmax(row)) for row in LOGITS.tolist()]
+    assert scores.tolist() == pytest.approx(expected, rel=1e-6)
+    assert scores[1].item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_confidence_is_max_probability():
+    scores = get_criterion("confidence").score(LOGITS)
+    assert scores.tolist() == pytest.approx([max(_softmax(r)) for r in LOGITS.tolist()], rel=1e-6)
+
+
+def test_margin_is_top1_minus_top2_probability():
+    scores = get_criterion("margin").score(LOGITS)
+    expected = [sorted(_softmax(r))[-1] - sorted(_softmax(r))[-2] for r in LOGITS.tolist()]
+    assert scores.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_margin_of_a_single_class_is_full_confidence():
+    assert get_criterion("margin").score(torch.tensor([[3.0], [-1.0]])).tolist() == [1.0, 1.0]
+
+
+def test_distiller_is_per_sample_cross_entropy_against_the_label():
+    target = torch.tensor([0, 3, 1])
+    scores = get_criterion("distiller").score(LOGITS, target)
+    expected = [-math.log(_softmax(r)[t]) for r, t in zip(LOGITS.tolist(), target.tolist())]
+    assert scores.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_distiller_without_labels_is_refused():
+    with pytest.raises(bx.BranchifyError, match="reads the labels.*entropy"):
+        get_criterion("distiller").score(LOGITS)
+
+
+@pytest.mark.parametrize(("name", "direction"), [("entropy", "below"), ("confidence", "above"),
+                                                 ("margin", "above"), ("distiller", "below")])
+def test_direction_and_the_boundary(name, direction):
+    crit = get_criterion(name)
+    assert crit.exits_when == direction
+    scores = crit.score(LOGITS, torch.tensor([0, 1, 2]))
+    at_threshold = crit.fires(scores, float(scores[0]))[0].item()
+    # "below" is strict (Distiller and BranchyNet), "above" includes the threshold
+    assert at_threshold is (direction == "above")
+    low, high = float(scores.min()) - 1, float(scores.max()) + 1
+    assert crit.fires(scores, high).all() == (direction == "below")
+    assert crit.fires(scores, low).all() == (direction == "above")
+
+
+@pytest.mark.parametrize("name", ["entropy", "confidence", "margin", "distiller"])
+def test_a_nan_score_never_exits(name):
+    crit = get_criterion(name)
+    logits = torch.tensor([[float("nan"), 0.0, 1.0], [9.0, 0.0, 0.0]])
+    scores = crit.score(logits, torch.tensor([0, 0]))
+    assert math.isnan(scores[0].item())
+    for threshold in (-math.inf, 0.0, 0.5, math.inf):
+        assert not crit.fires(scores, threshold)[0]
+
+
+def test_temperature_divides_the_logits_before_scoring():
+    crit = get_criterion("entropy")
+    assert torch.allclose(crit.score(LOGITS, temperature=2.0), crit.score(LOGITS / 2.0))
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5, temperature=3.0)])
+    cold = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5)])
+    logits = torch.tensor([[4.0, 0.0, 0.0]])  # entropy 0.07 at T=1, 0.8 at T=3
+    assert exit_mask(cold, 0, logits).tolist() == [True]
+    assert exit_mask(spec, 0, logits).tolist() == [False]
+
+
+def test_register_criterion_is_usable_in_a_spec_and_per_exit():
+    crit = bx.register_criterion("top_logit", lambda z: z.amax(dim=-1), exits_when="above")
+    assert crit.needs_labels is False and "top_logit" in criteria.registered_criteria()
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=1.0, criterion="top_logit"),
+                              bx.ExitPoint(layer="b", threshold=1.0)])
+    assert spec.criterion_of(0) == "top_logit" and spec.criterion_of(1) == "entropy"
+    logits = torch.tensor([[3.0, 0.0], [0.5, 0.4]])
+    assert exit_mask(spec, 0, logits).tolist() == [True, False]
+
+
+def test_register_criterion_rejects_bad_input():
+    with pytest.raises(bx.BranchifyError, match="built in"):
+        bx.register_criterion("entropy", lambda z: z.sum(-1))
+    with pytest.raises(bx.BranchifyError, match="exits_when"):
+        bx.register_criterion("x", lambda z: z.sum(-1), exits_when="sideways")
+    with pytest.raises(bx.BranchifyError, match="callable"):
+        bx.register_criterion("x", 3)
+    with pytest.raises(bx.BranchifyError, match="non-empty"):
+        bx.register_criterion("", lambda z: z.sum(-1))
+
+
+def test_an_unknown_criterion_lists_the_registered_ones():
+    with pytest.raises(bx.BranchifyError, match=r"unknown criterion 'entropyy'.*'entropy'.*register_criterion"):
+        get_criterion("entropyy")
+
+
+def test_route_takes_the_first_exit_that_fires_else_the_final():
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.9), bx.ExitPoint(layer="b", threshold=0.9)],
+                       criterion="confidence")
+    sure, unsure = [9.0, 0.0], [0.0, 0.0]
+    exit0 = torch.tensor([sure, unsure, unsure, sure])
+    exit1 = torch.tensor([sure, sure, unsure, unsure])
+    taken = route(spec, [exit0, exit1])
+    assert taken.dtype == torch.int64 and taken.tolist() == [0, 1, 2, 0]
+
+
+def test_route_honours_per_exit_criteria_and_labels():
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5, criterion="distiller"),
+                              bx.ExitPoint(layer="b", threshold=0.9, criterion="confidence")])
+    exit0 = torch.tensor([[9.0, 0.0], [9.0, 0.0], [0.0, 0.0]])
+    exit1 = torch.tensor([[0.0, 0.0], [0.0, 9.0], [0.0, 0.0]])
+    assert route(spec, [exit0, exit1], torch.tensor([0, 1, 1])).tolist() == [0, 1, 2]
+
+
+def test_route_rejects_a_wrong_number_of_exits_and_missing_thresholds():
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5)])
+    with pytest.raises(bx.BranchifyError, match="2 exit outputs for a spec with 1 exits"):
+        route(spec, [torch.zeros(2, 3), torch.zeros(2, 3)])
+    with pytest.raises(bx.BranchifyError, match="no thresholds"):
+        route(bx.ExitSpec(exits=[bx.ExitPoint(layer="a")]), [torch.zeros(2, 3)])

@@ -1,0 +1,92 @@
+"""The pydantic exit spec: validation messages, JSON round trip, Distiller's flags."""
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+import branchify as bx
+
+
+def test_issue_example_validates_and_normalises():
+    spec = bx.ExitSpec(exits=[
+        bx.ExitPoint(layer="layer1", threshold=1.2, weight=0.1),
+        bx.ExitPoint(layer="layer2", threshold=0.9, weight=0.3,
+                     head=bx.HeadSpec(kind="conv", channels=[12], kernel_size=7, stride=2, pool="max")),
+    ])
+    assert spec.criterion == "entropy"
+    assert spec.layers == ["layer1", "layer2"]
+    assert spec.thresholds == [1.2, 0.9]
+    assert spec.weights == [0.1, 0.3]
+    assert math.isclose(spec.final_weight, 0.6)
+    assert spec.exits[0].head == bx.HeadSpec()
+
+
+def test_json_round_trip_reproduces_an_equal_spec():
+    spec = bx.ExitSpec(criterion="confidence", exits=[
+        bx.ExitPoint(layer="features.3", threshold=0.8, weight=0.2, temperature=1.5,
+                     head=bx.HeadSpec(kind="mlp", hidden=64, activation="gelu", layout="NHWC")),
+        bx.ExitPoint(layer="features.5", threshold=0.9, weight=0.3, criterion="margin",
+                     head=bx.HeadSpec(kind="pool", kernel_size=3)),
+    ])
+    again = bx.ExitSpec.model_validate_json(spec.model_dump_json())
+    assert again == spec
+    assert again.exits[0].head.layout is bx.Layout.NHWC
+
+
+@pytest.mark.parametrize(
+    ("exits", "fragment"),
+    [
+        ([], "at least one exit"),
+        ([{"layer": "a"}, {"layer": "a"}], "exit 1 repeats layer 'a'"),
+        ([{"layer": "a", "weight": 0.6}, {"layer": "b", "weight": 0.4}], "sum to 1"),
+        ([{"layer": "a", "threshold": 1.0}, {"layer": "b"}], "missing for exit 1 ('b')"),
+        ([{"layer": "a", "weight": 0.1}, {"layer": "b"}], "weights must be given for all exits"),
+        ([{"layer": "a", "threshold": -1.0}], "greater than or equal to 0"),
+        ([{"layer": "a", "threshold": float("nan")}], "finite number"),
+        ([{"layer": "a", "weight": float("inf")}], "finite number"),
+        ([{"layer": "a", "criterion": "entropyy"}], "unknown criterion 'entropyy'"),
+        ([{"layer": "a", "head": {"kind": "conv"}}], "needs channels"),
+        ([{"layer": "a", "head": {"kind": "linear", "channels": [3]}}], "does not use ['channels']"),
+        ([{"layer": "a", "head": {"kind": "resnet"}}], "unknown head kind 'resnet'"),
+        ([{"layer": "a", "head": {"kind": "conv", "channels": [0]}}], "greater than 0"),
+        ([{"layer": "a", "surprise": 1}], "Extra inputs are not permitted"),
+        ([{"layer": ""}], "at least 1 character"),
+    ],
+)
+def test_invalid_specs_say_which_exit_and_value(exits, fragment):
+    with pytest.raises(ValidationError) as info:
+        bx.ExitSpec(exits=exits)
+    assert fragment in str(info.value)
+
+
+def test_unknown_spec_criterion_lists_registered_ones():
+    with pytest.raises(ValidationError, match="registered: .*'entropy'"):
+        bx.ExitSpec(exits=[{"layer": "a"}], criterion="nope")
+
+
+def test_from_distiller_args_matches_distiller_semantics():
+    spec = bx.ExitSpec.from_distiller_args(["layer1", "layer2"], [1.2, 0.9], [0.1, 0.3])
+    assert spec.thresholds == [1.2, 0.9] and spec.weights == [0.1, 0.3]
+    assert math.isclose(spec.final_weight, 0.6)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "weights", "flag"),
+    [([0.4, 0.5], [0.4], "--earlyexit_thresholds has 2 value"), ([0.4], [0.1, 0.2], "--earlyexit_lossweights has 2")],
+)
+def test_from_distiller_args_rejects_mismatched_counts_up_front(thresholds, weights, flag):
+    # Distiller's issue #103: two values for a one-exit model crashed mid-epoch.
+    with pytest.raises(bx.BranchifyError, match=flag) as info:
+        bx.ExitSpec.from_distiller_args(["layer1.2"], thresholds, weights)
+    assert "1 exit layer" in str(info.value)
+
+
+def test_with_exits_replaces_per_exit_fields_and_revalidates():
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a"), bx.ExitPoint(layer="b")])
+    updated = spec.with_exits(threshold=[0.5, 0.7])
+    assert updated.thresholds == [0.5, 0.7] and spec.thresholds is None
+    with pytest.raises(bx.BranchifyError, match="1 values for 'threshold'"):
+        spec.with_exits(threshold=[0.5])
+    with pytest.raises(ValidationError, match="sum to"):
+        spec.with_exits(weight=[0.5, 0.5])
