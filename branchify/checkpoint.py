@@ -1,0 +1,152 @@
+"""Saving and loading modules with exits: a spec and weights, never pickled code.
+
+A checkpoint is one safetensors file. Its header carries the spec (JSON), a format version and a
+SHA-256 digest of the weights; its tensors are the exit heads and, optionally, the backbone. Loading
+rebuilds the module from the unmodified model and the spec with ``attach_exits``, checks every
+saved name and shape against it and the digest against the data, and only then loads: a mismatch
+leaves the module untouched. Saving writes a temporary file beside the target and renames it, so a
+crash mid-save never leaves a corrupt file at the target path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+from torch import nn
+
+from .errors import BranchifyError
+from .spec import ExitSpec
+from .surgery import HEADS, attach_exits
+
+__all__ = ["FORMAT_VERSION", "load", "save"]
+
+FORMAT_VERSION = 1
+_KIND = "branchify-checkpoint"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        sha.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return sha.hexdigest()
+
+
+def _check_module(module: nn.Module) -> ExitSpec:
+    spec = getattr(module, "exit_spec", None)
+    if not isinstance(spec, ExitSpec) or not hasattr(module, HEADS):
+        raise BranchifyError(f"save needs a module made by bx.attach_exits, got {type(module).__name__}")
+    return spec
+
+
+def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool = True) -> Path:
+    """Write ``module``'s spec and weights to a safetensors file at ``path``, atomically.
+
+    ``include_backbone=False`` keeps only the exit heads (for a backbone you load elsewhere).
+
+    >>> import tempfile, torch, torchvision, branchify as bx
+    >>> model, x = torchvision.models.resnet18(), torch.randn(1, 3, 32, 32)
+    >>> module = bx.attach_exits(model, bx.ExitSpec(exits=[{"layer": "layer2"}]), x)
+    >>> path = bx.save(module, tempfile.mkdtemp() + "/exits.safetensors")
+    >>> again = bx.load(path, model, x)
+    >>> all(torch.equal(a, b) for a, b in zip(again.eval()(x), module.eval()(x)))
+    True
+    """
+    spec = _check_module(module)
+    state = module.state_dict()
+    if not include_backbone:
+        state = {k: v for k, v in state.items() if k.startswith(f"{HEADS}.")}
+    # clones: safetensors refuses tensors that share storage (tied or shared backbone weights)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    metadata = {
+        "format": _KIND,
+        "format_version": str(FORMAT_VERSION),
+        "spec": spec.model_dump_json(),
+        "exit_path": str(getattr(module, "exit_path", "fx")),
+        "num_classes": str(getattr(module, "num_classes", "")),
+        "include_backbone": json.dumps(include_backbone),
+        "sha256": _digest(tensors),
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = save_bytes(tensors, metadata=metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[ExitSpec, dict[str, str], dict[str, torch.Tensor]]:
+    """The spec, header and tensors of a checkpoint, after every integrity check."""
+    file = Path(path)
+    if not file.is_file():
+        raise BranchifyError(f"no checkpoint at {str(file)!r}; pass the path that bx.save returned")
+    data = file.read_bytes()
+    try:
+        tensors = load_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8: 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, json.JSONDecodeError) as err:
+        raise BranchifyError(
+            f"{str(file)!r} is not a readable safetensors file ({err}); it may be truncated or altered. "
+            "Save it again with bx.save") from None
+    if metadata.get("format") != _KIND:
+        raise BranchifyError(f"{str(file)!r} is a safetensors file but not a branchify checkpoint (no "
+                             f"'format: {_KIND}' in its header); write one with bx.save(module, path)")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise BranchifyError(
+            f"{str(file)!r} has checkpoint format version {version}, but this branchify reads version "
+            f"{FORMAT_VERSION}; load it with the branchify version that wrote it and save it again")
+    if metadata.get("sha256") != _digest(tensors):
+        raise BranchifyError(f"{str(file)!r}: the weights do not match the digest in its header: the file was "
+                             "altered or damaged after saving. Save it again with bx.save")
+    try:
+        spec = ExitSpec.model_validate_json(metadata["spec"])
+    except Exception as err:
+        raise BranchifyError(f"{str(file)!r}: the spec in its header is not valid ({err})") from None
+    return spec, metadata, tensors
+
+
+def load(path: str | os.PathLike, model: nn.Module, example_inputs, **attach_kwargs) -> nn.Module:
+    """Rebuild a module from the unmodified ``model`` and the checkpoint at ``path``.
+
+    Every saved tensor's name and shape is checked against the rebuilt module, and every mismatch
+    is reported at once; nothing is loaded unless all of them fit. See ``bx.save`` for an example.
+    """
+    spec, metadata, tensors = read_checkpoint(path)
+    module = attach_exits(model, spec, example_inputs, **attach_kwargs)
+    if getattr(module, "exit_path", "fx") != metadata.get("exit_path", "fx"):
+        raise BranchifyError(
+            f"the checkpoint was saved from a module built with {metadata.get('exit_path')!r} but this model "
+            f"gives {module.exit_path!r}; load it with the same model class it was saved from")
+    expected = module.state_dict()
+    with_backbone = json.loads(metadata.get("include_backbone", "true"))
+    wanted = expected if with_backbone else {k: v for k, v in expected.items() if k.startswith(f"{HEADS}.")}
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in wanted.items() if k not in tensors]
+    problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
+    problems += [f"shape of {k}: saved {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
+                 for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    if problems:
+        listing = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise BranchifyError(
+            f"the weights in {str(path)!r} do not fit this model ({len(problems)} mismatch(es): {listing}). "
+            "Pass the same architecture (and num_classes) the checkpoint was saved from")
+    module.load_state_dict(tensors, strict=with_backbone)
+    return module
