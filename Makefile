@@ -29,9 +29,10 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/mkdocs build --strict --quiet -d $(or $(TMPDIR),/tmp)/branchify-site
 
 lint: $(VENV)/.dev-installed
-	$(PY) -m ruff check branchify tests benchmarks examples
+	$(PY) -m ruff check branchify tests benchmarks examples docs
 
 bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/surgery.py

@@ -10,6 +10,7 @@ stochastic depth keeps following ``.train()``/``.eval()`` at run time. Node name
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,22 @@ QUALNAME = "branchify_qualname"
 
 class _Tracer(NodePathTracer):
     """Records each node's qualified name and the module path it was created in."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._latest_suffix: dict[str, int] = {}
+
+    def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
+        # torchvision's version rescans every earlier name with a regex (quadratic: seconds on maxvit);
+        # the latest suffix per base name gives the same names in constant time.
+        name = module_qualname
+        if node.op != "call_module":
+            name = f"{name}.{node}" if name else str(node)
+        if re.match(r".+_[0-9]+$", name) is not None:
+            name = name.rsplit("_", 1)[0]
+        index = self._latest_suffix.get(name)
+        self._latest_suffix[name] = 0 if index is None else index + 1
+        return name if index is None else f"{name}_{index + 1}"
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)

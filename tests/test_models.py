@@ -54,15 +54,15 @@ def test_module_names_follow_torchvision():
 
 @pytest.mark.parametrize("arch", sorted(CIFAR_RESNETS))
 def test_output_shape(arch):
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 8, 8)
     assert get_model(arch).eval()(x).shape == (2, 10)
     assert get_model(arch, num_classes=100).eval()(x).shape == (2, 100)
 
 
-@pytest.mark.parametrize(("arch", "shortcut"), [(arch, "A") for arch in sorted(CIFAR_RESNETS)]
-                         + [("resnet20_cifar", "B")])
+# The four depths share one structure: the shallowest (both shortcuts) and the deepest cover it.
+@pytest.mark.parametrize(("arch", "shortcut"),
+                         [("resnet20_cifar", "A"), ("resnet20_cifar", "B"), ("resnet56_cifar", "A")])
 def test_fx_traces_with_exact_output(arch, shortcut):
-    torch.manual_seed(0)
     model = CIFAR_RESNETS[arch](shortcut=shortcut)
     traced = fx.symbolic_trace(model)
     x = torch.randn(3, 3, 16, 16)  # small maps keep it fast; tracing does not depend on the size
@@ -87,8 +87,7 @@ def test_distiller_cifar_exit_gives_its_head(arch):
     assert isinstance(head[0], nn.AvgPool2d) and head[0].kernel_size == 3
     linear = head[-1]
     assert (linear.in_features, linear.out_features) == (1600, 10)
-    outputs = module(torch.randn(2, 3, 32, 32))
-    assert [tuple(o.shape) for o in outputs] == [(2, 10), (2, 10)]
+    assert [tuple(o.shape) for o in module(torch.randn(1, 3, 32, 32))] == [(1, 10), (1, 10)]
 
 
 def test_distiller_resnet50_exits_give_its_heads():

@@ -53,3 +53,16 @@ def test_points_ignore_batch_size_of_example_inputs():
     one = bx.list_exit_points(model, torch.randn(1, 3, 32, 32))
     many = bx.list_exit_points(model, torch.randn(8, 3, 32, 32))
     assert [(p.name, p.shape, p.macs) for p in one] == [(p.name, p.shape, p.macs) for p in many]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "inception_v3", "maxvit_t", "swin_t", "efficientnet_b0"])
+def test_node_names_are_the_ones_torchvision_reports(name):
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    from branchify.trace import QUALNAME, trace_model
+
+    model = torchvision.models.get_model(name, weights=None)
+    traced = trace_model(model)
+    train, evaluation = get_graph_node_names(model)
+    assert [n.meta[QUALNAME] for n in traced.graphs[True].nodes if QUALNAME in n.meta] == train
+    assert [n.meta[QUALNAME] for n in traced.graphs[False].nodes if QUALNAME in n.meta] == evaluation
