@@ -1,0 +1,406 @@
+"""Early-exit statistics: where samples leave, how accurate each exit is, and Distiller's report.
+
+Two modes, as in Distiller. ``"forced"`` (training): every exit is judged on every sample, as if
+every sample left there: top-k accuracy and mean cross-entropy per exit. ``"routed"``
+(evaluation): each sample takes the first exit whose criterion fires, else the final one; per exit,
+the samples taken, their share and the top-k accuracy over them; totals over all samples.
+
+Counts accumulate as integer tensors on the outputs' device, one ``index_add_`` per batch, so
+``update`` neither loops over samples nor waits for the device; numbers reach the host only in
+``summary()``/``report()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from .cost import ExitCosts
+from .criteria import get_criterion, route
+from .errors import BranchifyError
+from .outputs import split_outputs
+from .spec import ExitSpec
+
+__all__ = ["ExitRow", "ExitStats", "ExitStatsSummary"]
+
+Mode = Literal["routed", "forced"]
+_MEGA = 1e6
+
+
+@dataclass(frozen=True)
+class ExitRow:
+    """One exit's figures in an ``ExitStatsSummary``; percentages are 0-100, as Distiller printed them.
+
+    ``exit`` counts from 0; the last row is the final exit (``layer == "final"``). ``taken`` and
+    ``percent`` are the samples that left here and their share of all samples (routed mode; None in
+    forced mode). ``accuracy`` maps ``"top1"``, ``"top5"``, ... to the accuracy over the samples
+    judged here (taken ones when routed, all when forced); None when none were, or without labels.
+    ``loss`` is the mean cross-entropy over all samples (forced mode); ``macs`` the MACs a sample
+    leaving here costs (when the stats were given costs).
+
+    >>> import branchify as bx
+    >>> row = bx.stats.ExitRow(exit=0, layer="layer1", taken=3, percent=75.0, accuracy={"top1": 100.0},
+    ...                        loss=None, macs=None)
+    >>> row.accuracy["top1"]
+    100.0
+    """
+
+    exit: int
+    layer: str
+    taken: int | None
+    percent: float | None
+    accuracy: dict[str, float] | None
+    loss: float | None
+    macs: float | None
+
+
+@dataclass(frozen=True)
+class ExitStatsSummary:
+    """The figures ``ExitStats`` has accumulated, as data; percentages are 0-100.
+
+    ``exits`` holds one ``ExitRow`` per exit, the final one last. ``totals`` is the top-k accuracy
+    over all samples with early exits taken (routed mode with labels). With costs:
+    ``original_macs`` (the unmodified model), and in routed mode ``expected_macs`` (per sample,
+    given the shares taken) and ``saving_percent`` (``100 * (1 - expected / original)``).
+    ``lines()`` gives the report's lines, ``to_dict()`` plain data for JSON.
+
+    >>> import torch, branchify as bx
+    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1", threshold=0.5)])
+    >>> stats = bx.ExitStats(spec)
+    >>> stats.update((torch.tensor([[9.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 9.0], [0.0, 9.0]])),
+    ...              torch.tensor([0, 1]))
+    >>> summary = stats.summary()
+    >>> [row.taken for row in summary.exits], summary.totals["top1"]
+    ([1, 1], 100.0)
+    >>> summary.to_dict()["exits"][0]["percent"]
+    50.0
+    """
+
+    mode: str
+    samples: int
+    num_classes: int
+    topk: tuple[int, ...]
+    exits: tuple[ExitRow, ...]
+    totals: dict[str, float] | None
+    original_macs: float | None
+    expected_macs: float | None
+    saving_percent: float | None
+
+    @property
+    def labeled(self) -> bool:
+        """Whether accuracy was measured (targets were given)."""
+        return self.mode == "forced" or self.totals is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as plain data (dicts, lists, numbers, strings), ready for ``json.dumps``."""
+        return dataclasses.asdict(self)
+
+    def lines(self) -> list[str]:
+        """The report's lines: Distiller's, in Distiller's order and formats, then the MACs."""
+        rows = self.exits
+        lines: list[str] = []
+        if self.mode == "routed":
+            lines += [f"Exit {r.exit}: {r.taken}" for r in rows if r.taken]
+            lines += [f"Percent Early Exit {r.exit}: {r.percent:.3f}" for r in rows if r.taken]
+            if self.totals is None:
+                lines.append("Accuracy not measured: update() was given no targets")
+            else:
+                # Distiller prints 0 for an exit that no sample took
+                lines += [f"Accuracy Stats for exit {r.exit}: {self._topk_text(r.accuracy)}" for r in rows]
+                lines.append(f"Totals for entire network with early exits: {self._topk_text(self.totals)}")
+        else:
+            lines += [f"Accuracy Stats for exit {r.exit}: {self._topk_text(r.accuracy)}" for r in rows]
+            lines += [f"Mean loss for exit {r.exit}: {r.loss:.5f}" for r in rows]
+        if self.original_macs is not None:
+            for r in rows:
+                which = " (final)" if r.layer == "final" else ""
+                lines.append(f"MACs at exit {r.exit}{which}: {r.macs / _MEGA:.3f} MMACs")
+            lines.append(f"MACs of the original model: {self.original_macs / _MEGA:.3f} MMACs")
+            if self.expected_macs is not None:
+                lines.append(f"Expected MACs per sample: {self.expected_macs / _MEGA:.3f} MMACs")
+                lines.append(f"Saving vs the original model: {self.saving_percent:.3f}%")
+        return lines
+
+    def _topk_text(self, accuracy: dict[str, float] | None) -> str:
+        return ", ".join(f"top{k} = {(accuracy or {}).get(f'top{k}', 0.0):.3f}" for k in self.topk)
+
+    def _grid(self) -> tuple[list[str], list[list[str]], list[str]]:
+        """Column names, one row of cells per exit, and notes below the table."""
+        routed, costs = self.mode == "routed", self.original_macs is not None
+        names = ["exit", "layer"] + (["taken", "percent"] if routed else [])
+        keys = [f"top{k}" for k in self.topk] if self.labeled else []
+        names += keys + ([] if routed else ["loss"]) + (["MMACs"] if costs else [])
+
+        def cells(exit_, layer, taken, percent, accuracy, loss, macs) -> list[str]:
+            out = [str(exit_), layer] + ([str(taken), f"{percent:.3f}"] if routed else [])
+            out += [f"{accuracy[k]:.3f}" if accuracy else "-" for k in keys]
+            out += [] if routed else [f"{loss:.5f}"]
+            return out + ([f"{macs / _MEGA:.3f}"] if costs else [])
+
+        grid = [cells(r.exit, r.layer, r.taken, r.percent, r.accuracy, r.loss, r.macs) for r in self.exits]
+        if routed:
+            grid.append(cells("all", "", self.samples, 100.0, self.totals, None, self.expected_macs or 0.0))
+        notes = []
+        if costs:
+            notes.append(f"original model: {self.original_macs / _MEGA:.3f} MMACs")
+            if self.saving_percent is not None:
+                notes.append(f"expected saving: {self.saving_percent:.3f}%")
+        return names, grid, notes
+
+    def __repr__(self) -> str:
+        names, grid, notes = self._grid()
+        widths = [max(len(row[j]) for row in [names, *grid]) for j in range(len(names))]
+        head = f"ExitStatsSummary(mode={self.mode!r}, samples={self.samples}, num_classes={self.num_classes})"
+        body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [names, *grid]]
+        return "\n".join([head, *body, *notes])
+
+    def _repr_html_(self) -> str:
+        names, grid, notes = self._grid()
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in grid)
+        caption = html.escape(f"ExitStatsSummary: {self.mode}, {self.samples} samples, {self.num_classes} classes")
+        foot = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+        return f"<table><caption>{caption}</caption><tr>{head}</tr>{body}</table>{foot}"
+
+
+class ExitStats:
+    """Accumulate early-exit statistics over batches and print them as Distiller did.
+
+    ``mode="routed"`` (evaluation) routes each sample with the spec's criteria and thresholds;
+    ``mode="forced"`` (training) judges every exit on every sample. ``topk`` values above the
+    number of classes are clipped to it (Distiller's top-5 on 3 classes is a top-3). With
+    ``costs`` (``bx.exit_costs(module, x)``) the report adds MACs per exit, the expected MACs per
+    sample and the saving against the original model. Pass ``module.exit_spec``: exits are in
+    graph order there, as in the module's outputs.
+
+    The ``"distiller"`` criterion reads the labels, so it is accepted with a warning, to reproduce
+    Distiller's numbers only.
+
+    >>> import torch, branchify as bx
+    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1", threshold=0.5)])
+    >>> stats = bx.ExitStats(spec, topk=(1, 5))
+    >>> outputs = (torch.tensor([[9.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 9.0, 0], [0, 0, 9.0]]))
+    >>> stats.update(outputs, torch.tensor([0, 1]))
+    >>> text = stats.report()
+    Exit 0: 1
+    Exit 1: 1
+    Percent Early Exit 0: 50.000
+    Percent Early Exit 1: 50.000
+    Accuracy Stats for exit 0: top1 = 100.000, top5 = 100.000
+    Accuracy Stats for exit 1: top1 = 0.000, top5 = 100.000
+    Totals for entire network with early exits: top1 = 50.000, top5 = 100.000
+    """
+
+    def __init__(self, spec: ExitSpec, *, topk: Sequence[int] = (1, 5), mode: Mode = "routed",
+                 costs: ExitCosts | None = None) -> None:
+        if not isinstance(spec, ExitSpec):
+            made = hasattr(spec, "exit_spec")
+            hint = " (for a module made by bx.attach_exits, pass module.exit_spec)" if made else ""
+            raise BranchifyError(f"ExitStats needs a bx.ExitSpec, got {type(spec).__name__}{hint}")
+        if mode not in ("routed", "forced"):
+            raise BranchifyError(
+                f"mode={mode!r}; use 'routed' (evaluation: each sample takes its first firing exit) or "
+                "'forced' (training: every exit judged on every sample)")
+        self.spec = spec
+        self.mode: Mode = mode
+        self.topk = _checked_topk(topk)
+        self.costs = _checked_costs(costs, spec)
+        k = len(spec.exits)
+        self._label_exits = [i for i in range(k) if get_criterion(spec.criterion_of(i)).needs_labels]
+        if mode == "routed":
+            if spec.thresholds is None:
+                raise BranchifyError(
+                    "routed statistics send each sample out of the first exit whose criterion passes its "
+                    "threshold, but the spec has no thresholds; give every ExitPoint a threshold "
+                    "(spec.with_exits(threshold=[...])), calibrate them with bx.calibrate, or use "
+                    "mode='forced' for training statistics")
+            if self._label_exits:
+                names = sorted({spec.criterion_of(i) for i in self._label_exits})
+                warnings.warn(
+                    f"criterion {', '.join(map(repr, names))} (exits {self._label_exits}) scores each sample by its "
+                    "loss against the label, so it decides with the answer in hand (below a threshold of ln 2 "
+                    "every sample it lets out is correct); it cannot run without labels, so use it only to "
+                    "reproduce Distiller's numbers and deploy a label-free criterion such as 'entropy'",
+                    UserWarning, stacklevel=2)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sample seen so far."""
+        self._table: torch.Tensor | None = None  # (exits + 1, maxk + 1): samples by exit and rank of the label
+        self._loss: torch.Tensor | None = None
+        self._invalid: torch.Tensor | None = None
+        self._num_classes: int | None = None
+        self._labeled: bool | None = None
+
+    def update(self, outputs: Sequence, target: torch.Tensor | None = None) -> None:
+        """Add one batch: the module's outputs ``(exit_0, ..., final)`` and the class indices.
+
+        ``target`` may be None in routed mode with label-free criteria: counts and shares are
+        then measured, accuracy is not (and every update must then come without targets).
+        """
+        k = len(self.spec.exits)
+        exits, final = split_outputs(outputs, k)
+        logits = [*exits, final]
+        classes, device = int(final.shape[1]), final.device
+        safe, invalid = self._checked_target(target, final)
+        if self._table is None:
+            maxk = min(max(self.topk), classes)
+            self._table = torch.zeros(k + 1, maxk + 1, dtype=torch.int64, device=device)
+            self._loss = torch.zeros(k + 1, dtype=torch.float64, device=device)
+            self._invalid = torch.zeros((), dtype=torch.int64, device=device)
+        self._num_classes, self._labeled = classes, safe is not None
+        if invalid is not None:
+            self._invalid += invalid
+        maxk = self._table.shape[1] - 1
+        ranks = None if safe is None else torch.stack([_label_rank(z, safe, maxk) for z in logits])
+        if self.mode == "routed":
+            taken = route(self.spec, exits, safe)
+            rank = torch.full_like(taken, maxk) if ranks is None else ranks.gather(0, taken[None]).squeeze(0)
+            cells = taken * (maxk + 1) + rank
+        else:
+            offsets = torch.arange(k + 1, device=device)[:, None] * (maxk + 1)
+            cells = (offsets + ranks).flatten()
+            self._loss += torch.stack([F.cross_entropy(z.float(), safe, reduction="sum") for z in logits]).double()
+        # index_add_ rather than bincount, which reads the largest index back to the host on CUDA
+        self._table.view(-1).index_add_(0, cells, torch.ones_like(cells))
+
+    def _checked_target(self, target, final: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Check the batch against the earlier ones and the target against the outputs.
+
+        Returns the target as int64 class indices clamped into range (None without target) and
+        how many were out of range.
+        """
+        batch, classes, device = int(final.shape[0]), int(final.shape[1]), final.device
+        if self._num_classes is not None and classes != self._num_classes:
+            raise BranchifyError(
+                f"these outputs have {classes} classes but earlier ones had {self._num_classes}; call "
+                "stats.reset() before measuring another model")
+        if self._table is not None and self._table.device != device:
+            raise BranchifyError(
+                f"these outputs are on {device} but earlier ones were on {self._table.device}; keep the model on "
+                "one device, or call stats.reset() before switching")
+        labeled = target is not None
+        if self._labeled is not None and labeled != self._labeled:
+            was = "with" if self._labeled else "without"
+            raise BranchifyError(
+                f"earlier updates came {was} targets and this one does not match; give targets always or "
+                "never, or call stats.reset() in between")
+        if not labeled:
+            if self.mode == "forced":
+                raise BranchifyError("forced statistics measure accuracy and loss, so update() needs the target")
+            if self._label_exits:
+                raise BranchifyError(
+                    f"exits {self._label_exits} use a criterion that reads the labels ('distiller'), but no "
+                    "target was given; pass the target, or use a label-free criterion such as 'entropy'")
+            return None, None
+        if not isinstance(target, torch.Tensor):
+            raise BranchifyError(f"target must be a tensor of class indices, got {type(target).__name__}")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise BranchifyError(
+                f"target has dtype {target.dtype}; ExitStats needs class indices (an integer tensor); for "
+                "one-hot or probability targets pass target.argmax(dim=1)")
+        if tuple(target.shape) != (batch,):
+            raise BranchifyError(
+                f"target has shape {tuple(target.shape)} but the outputs have a batch of {batch}; pass one class "
+                f"index per sample, shape ({batch},)")
+        target = target.to(device=device, dtype=torch.int64, non_blocking=True)
+        outside = (target < 0) | (target >= classes)
+        invalid = outside.sum()
+        # On the CPU the check is free; on an accelerator it would stall every batch, so the count is
+        # kept on the device and reported by summary().
+        if device.type == "cpu" and invalid:
+            raise BranchifyError(
+                f"target holds class indices {target[outside][:5].tolist()} outside 0..{classes - 1} (the outputs "
+                f"have {classes} classes); pass class indices that fit the model")
+        return target.clamp(0, classes - 1), invalid
+
+    def summary(self) -> ExitStatsSummary:
+        """The accumulated figures as an ``ExitStatsSummary``."""
+        if self._table is None:
+            raise BranchifyError("no statistics yet: call stats.update(outputs, target) for at least one batch")
+        invalid = int(self._invalid)
+        if invalid:
+            raise BranchifyError(
+                f"{invalid} target(s) were outside 0..{self._num_classes - 1} (the outputs have "
+                f"{self._num_classes} classes), so the statistics are wrong; call stats.reset() and pass class "
+                "indices that fit the model")
+        table = self._table.tolist()
+        counts = [sum(row) for row in table]
+        routed = self.mode == "routed"
+        samples = sum(counts) if routed else counts[0]
+        if not samples:
+            raise BranchifyError("no samples yet: every batch given to stats.update was empty")
+        classes = self._num_classes
+        labeled = bool(self._labeled)
+        losses = self._loss.tolist()
+        per_exit = self.costs.per_exit if self.costs is not None else [None] * len(counts)
+        rows = []
+        for i, (row, n) in enumerate(zip(table, counts)):
+            accuracy = None
+            if labeled and n:
+                accuracy = {f"top{k}": 100.0 * sum(row[:min(k, classes)]) / n for k in self.topk}
+            rows.append(ExitRow(
+                exit=i, layer=self.spec.exits[i].layer if i < len(self.spec.exits) else "final",
+                taken=n if routed else None, percent=100.0 * n / samples if routed else None,
+                accuracy=accuracy, loss=None if routed else losses[i] / samples, macs=per_exit[i]))
+        totals = expected = saving = None
+        if routed and labeled:
+            # Distiller's formula: each exit's accuracy weighted by its share of the samples
+            totals = {f"top{k}": sum((r.accuracy or {}).get(f"top{k}", 0.0) * (r.taken / samples) for r in rows)
+                      for k in self.topk}
+        if routed and self.costs is not None:
+            shares = [n / samples for n in counts]
+            expected = self.costs.expected(shares)
+            saving = 100.0 * self.costs.saving(shares)
+        return ExitStatsSummary(
+            mode=self.mode, samples=samples, num_classes=classes, topk=self.topk, exits=tuple(rows), totals=totals,
+            original_macs=None if self.costs is None else self.costs.original, expected_macs=expected,
+            saving_percent=saving)
+
+    def report(self, file: TextIO | None = None) -> str:
+        """Print the report (to ``file``, default stdout) and return its text.
+
+        Routed: Distiller's ``Exit %d: %d``, ``Percent Early Exit %d: %.3f``, ``Accuracy Stats for
+        exit %d: top1 = %.3f, top5 = %.3f`` and ``Totals for entire network with early exits: ...``
+        lines, in that order; forced: the accuracy and mean loss of every exit. Then, with costs,
+        the MACs at each exit, of the original model, expected per sample, and the saving.
+        """
+        text = "\n".join(self.summary().lines())
+        print(text, file=file if file is not None else sys.stdout)
+        return text
+
+
+def _label_rank(logits: torch.Tensor, target: torch.Tensor, maxk: int) -> torch.Tensor:
+    """Per sample, the label's position among the ``maxk`` top logits (``maxk`` when it is not there)."""
+    hits = logits.topk(maxk, dim=1).indices == target[:, None]
+    positions = torch.arange(maxk, device=logits.device)
+    return torch.where(hits, positions, maxk).amin(dim=1)
+
+
+def _checked_topk(topk: Sequence[int]) -> tuple[int, ...]:
+    values = list(topk) if isinstance(topk, Sequence) and not isinstance(topk, str) else None
+    if not values or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values):
+        raise BranchifyError(f"topk={topk!r} must be a non-empty sequence of positive integers, e.g. (1, 5)")
+    if len(set(values)) != len(values):
+        raise BranchifyError(f"topk={topk!r} repeats a value; list each k once, e.g. (1, 5)")
+    return tuple(sorted(values))
+
+
+def _checked_costs(costs: ExitCosts | None, spec: ExitSpec) -> ExitCosts | None:
+    if costs is None:
+        return None
+    if not isinstance(costs, ExitCosts):
+        raise BranchifyError(f"costs must be the bx.ExitCosts of bx.exit_costs(module, x), got {type(costs).__name__}")
+    if len(costs.exits) != len(spec.exits):
+        raise BranchifyError(
+            f"costs cover {len(costs.exits)} early exit(s) but the spec has {len(spec.exits)}; compute them from "
+            "the same module: bx.exit_costs(module, x) with bx.ExitStats(module.exit_spec, ...)")
+    return costs
