@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BranchifyError"]
+__all__ = ["BranchifyError", "SpecError"]
 
 
 class BranchifyError(ValueError):
@@ -18,3 +18,19 @@ class BranchifyError(ValueError):
     ...     print("rejected")
     rejected
     """
+
+
+class SpecError(BranchifyError):
+    """An invalid ``ExitSpec``, ``ExitPoint`` or ``HeadSpec``; ``errors`` keeps pydantic's per-field list.
+
+    >>> import branchify as bx
+    >>> try:
+    ...     bx.ExitSpec(exits=[{"layer": "layer1", "weight": 1.5}])
+    ... except bx.SpecError as err:
+    ...     print(err.errors[0]["loc"])
+    ()
+    """
+
+    def __init__(self, message: str, errors: list | None = None) -> None:
+        super().__init__(message)
+        self.errors = list(errors or [])

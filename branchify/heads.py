@@ -95,22 +95,32 @@ def _to_channels_first(layout: Layout, kind: str) -> list[nn.Module]:
 
 
 def _fake_output_shape(layers: Sequence[nn.Module], shape: Sequence[int], what: str) -> torch.Size:
-    """Run ``layers`` on a fake ``(1, *shape)`` tensor; a layer that fails is named in the error."""
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        x = mode.from_tensor(torch.empty(1, *shape))
-        for layer in layers:
-            before = tuple(x.shape[1:])
-            try:
-                x = layer(x)
-            except Exception as err:  # torch reports shrinking maps as RuntimeError / ValueError
-                raise BranchifyError(
-                    f"{what}: {layer} cannot take an input of shape {before} ({_first_line(err)}); "
-                    "the map shrinks below 1x1: use a smaller stride or kernel_size, or fewer convs") from None
-            if any(d < 1 for d in x.shape[1:]):
-                raise BranchifyError(
-                    f"{what}: {layer} shrinks {before} to {tuple(x.shape[1:])}; use a smaller stride or "
-                    "kernel_size, or fewer convs")
-        return x.shape
+    """Run ``layers`` in eval mode on a fake ``(2, *shape)`` tensor; a layer that fails is named.
+
+    Eval mode and a batch of 2 keep batch norms after pooling working; the batch dim is reported as 1.
+    """
+    snapshot = [(m, m.training) for layer in layers for m in layer.modules()]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            x = mode.from_tensor(torch.empty(2, *shape))
+            for layer in layers:
+                before = tuple(x.shape[1:])
+                try:
+                    x = layer.eval()(x)
+                except Exception as err:
+                    text = _first_line(err)
+                    hint = ("the map shrinks below 1x1: use a smaller stride or kernel_size, or fewer convs"
+                            if "too small" in text or "can't be greater" in text else "check the head's layers")
+                    raise BranchifyError(
+                        f"{what}: {layer} cannot take an input of shape {before} ({text}); {hint}") from None
+                if any(d < 1 for d in x.shape[1:]):
+                    raise BranchifyError(
+                        f"{what}: {layer} shrinks {before} to {tuple(x.shape[1:])}; use a smaller stride or "
+                        "kernel_size, or fewer convs")
+    finally:
+        for module, training in snapshot:
+            module.training = training
+    return torch.Size((1, *x.shape[1:]))
 
 
 def _first_line(err: BaseException) -> str:

@@ -6,9 +6,9 @@ import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
-from .errors import BranchifyError
+from .errors import BranchifyError, SpecError
 from .layout import Layout
 
 __all__ = ["ExitPoint", "ExitSpec", "HeadSpec"]
@@ -23,7 +23,50 @@ _BUILTIN_KIND_FIELDS = {
 _KIND_SPECIFIC = {"channels", "kernel_size", "stride", "pool", "hidden", "activation"}
 
 
-class HeadSpec(BaseModel):
+def _spec_error(err: ValidationError) -> SpecError:
+    lines = []
+    for item in err.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or err.title
+        message = item["msg"].removeprefix("Value error, ")
+        shown = "" if item["type"] == "value_error" else f" (got {item.get('input')!r})"
+        lines.append(f"{where}: {message}{shown}")
+    head = f"invalid {err.title}" + (f" ({len(lines)} problems)" if len(lines) > 1 else "")
+    return SpecError(f"{head}: " + "; ".join(lines), err.errors(include_url=False))
+
+
+class _SpecModel(BaseModel):
+    """Raises ``SpecError`` (a ``BranchifyError``) instead of pydantic's ``ValidationError``.
+
+    Nested inside a user's own pydantic model, validation runs in pydantic's core and reports a
+    ``ValidationError`` as usual.
+    """
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise _spec_error(err) from None
+
+    # Marked as pydantic's own __init__ (as RootModel does), so nested validation inside pydantic's
+    # core keeps reporting plain per-field errors instead of calling this wrapper.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):  # type: ignore[override]
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as err:
+            raise _spec_error(err) from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any):  # type: ignore[override]
+        try:
+            return super().model_validate_json(json_data, **kwargs)
+        except ValidationError as err:
+            raise _spec_error(err) from None
+
+
+class HeadSpec(_SpecModel):
     """The shape of one exit head; sizes are inferred from the exit point, never typed.
 
     Kinds: ``"linear"`` (global average pool + linear, the default), ``"conv"`` (Distiller's
@@ -77,7 +120,7 @@ class HeadSpec(BaseModel):
         return self
 
 
-class ExitPoint(BaseModel):
+class ExitPoint(_SpecModel):
     """One early exit: where it attaches, its head, and how it fires and trains.
 
     ``layer`` is a dotted module path (``"layer1"``, ``"features.3"``: the exit reads the module's
@@ -109,7 +152,7 @@ class ExitPoint(BaseModel):
         return name
 
 
-class ExitSpec(BaseModel):
+class ExitSpec(_SpecModel):
     """All exits of a model, and the exit criterion.
 
     Loss weights are for the early exits; the final exit gets ``1 - sum(weights)``, so the sum

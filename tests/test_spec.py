@@ -3,7 +3,6 @@
 import math
 
 import pytest
-from pydantic import ValidationError
 
 import branchify as bx
 
@@ -55,13 +54,13 @@ def test_json_round_trip_reproduces_an_equal_spec():
     ],
 )
 def test_invalid_specs_say_which_exit_and_value(exits, fragment):
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(bx.SpecError) as info:
         bx.ExitSpec(exits=exits)
     assert fragment in str(info.value)
 
 
 def test_unknown_spec_criterion_lists_registered_ones():
-    with pytest.raises(ValidationError, match="registered: .*'entropy'"):
+    with pytest.raises(bx.SpecError, match="registered: .*'entropy'"):
         bx.ExitSpec(exits=[{"layer": "a"}], criterion="nope")
 
 
@@ -88,5 +87,24 @@ def test_with_exits_replaces_per_exit_fields_and_revalidates():
     assert updated.thresholds == [0.5, 0.7] and spec.thresholds is None
     with pytest.raises(bx.BranchifyError, match="1 values for 'threshold'"):
         spec.with_exits(threshold=[0.5])
-    with pytest.raises(ValidationError, match="sum to"):
+    with pytest.raises(bx.SpecError, match="sum to"):
         spec.with_exits(weight=[0.5, 0.5])
+
+
+def test_spec_errors_are_branchify_errors_with_pydantic_details():
+    with pytest.raises(bx.BranchifyError) as info:
+        bx.ExitSpec.model_validate_json('{"exits": [{"layer": "a", "threshold": -2}]}')
+    assert isinstance(info.value, bx.SpecError)
+    assert info.value.errors[0]["loc"] == ("exits", 0, "threshold")
+    assert str(info.value).startswith("invalid ExitSpec: exits.0.threshold: Input should be greater than or equal to 0")
+    assert "(got -2)" in str(info.value)
+
+
+def test_a_spec_nested_in_a_user_model_reports_pydantic_errors():
+    from pydantic import BaseModel, ValidationError
+
+    class Config(BaseModel):
+        spec: bx.ExitSpec
+
+    with pytest.raises(ValidationError):
+        Config(spec={"exits": []})

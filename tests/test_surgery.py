@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 import branchify as bx
+import branchify.heads
 
 
 def resnet18(**kwargs):
@@ -328,3 +329,16 @@ def test_fallback_rejects_node_names_with_module_hints():
         warnings.simplefilter("ignore")
         with pytest.raises(bx.BranchifyError, match=r"exits must name modules.*Closest: 'block'"):
             bx.attach_exits(Branchy(), bx.ExitSpec(exits=[{"layer": "blok"}]), X32)
+
+
+def test_head_with_batch_norm_after_pooling_builds_and_keeps_train_mode():
+    # Regression: heads were checked in train mode on a batch of 1, so BatchNorm1d failed with a
+    # misleading "shrinks below 1x1" message.
+    @bx.register_head("test_bn1d_head")
+    def bn_head(shape, layout, num_classes, spec):
+        return nn.Sequential(bx.heads.GlobalPool(layout), nn.BatchNorm1d(shape[0]), nn.Linear(shape[0], num_classes))
+
+    spec = bx.ExitSpec(exits=[{"layer": "layer2", "head": {"kind": "test_bn1d_head"}}])
+    module = bx.attach_exits(resnet18(num_classes=3).train(), spec, X32)
+    assert module.exit_heads[0].training and module.exit_heads[0][1].training
+    assert module(torch.randn(4, 3, 32, 32))[0].shape == (4, 3)
