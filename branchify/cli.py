@@ -1,0 +1,334 @@
+"""The ``branchify`` command: list a model's exit points, sweep exit placements, report on a saved model.
+
+``branchify points ARCH`` lists where exits can attach, with shapes, layouts and cumulative MACs;
+``branchify sweep ARCH DATASET`` trains a head at every candidate on the frozen backbone and writes
+the proposal (``result.json``, ``sweep.png``, a checkpoint and the spec); ``branchify report
+CHECKPOINT DATASET --arch ARCH`` rebuilds a saved model and prints Distiller's statistics report with
+the MACs. User errors print one line on stderr and exit with status 2. Training with exits is
+``branchify-train`` (Distiller's command line).
+
+>>> from branchify.cli import build_parser
+>>> build_parser().parse_args(["points", "resnet18", "--input-size", "64"]).input_size
+[64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import load, save
+from .cost import exit_costs
+from .criteria import registered_criteria
+from .errors import BranchifyError
+from .models import DISTILLER_EXITS, get_model
+from .points import list_exit_points
+from .spec import ExitSpec
+from .sweep import sweep
+from .train import (
+    SUMMARY,
+    check_arch,
+    default_input_size,
+    error_line,
+    evaluate,
+    fraction,
+    limit_batches,
+    non_negative_int,
+    one_line_warnings,
+    positive_float,
+    positive_int,
+    resolve_device,
+    usable_cores,
+)
+
+__all__ = ["build_parser", "main"]
+
+PROG = "branchify"
+RESULT = "result.json"
+PLOT = "sweep.png"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [cell.rjust(w) if j in right else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), *(line(row) for row in rows)])
+
+
+def _common_data(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+    parser.add_argument("dataset", metavar="DATASET",
+                        help="'digits' (offline, 32x32), a CIFAR-10 python folder, or an ImageFolder tree")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=batch_size,
+                        help=f"mini-batch size (default: {batch_size})")
+    parser.add_argument("-j", "--workers", type=non_negative_int, default=0,
+                        help="data loading processes (default: 0, load in this process)")
+    parser.add_argument("--input-size", type=positive_int, default=None,
+                        help="image side in pixels (default: 32 for digits and CIFAR-10, 224 for ImageFolder)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the data split and of any training (default: the training run's, else 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--limit-batches", type=positive_int, default=None,
+                        help="at most N batches per pass (for smoke tests)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``branchify`` argument parser, one subcommand per task."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Automatic early exits for unmodified PyTorch classifiers.",
+        epilog="Train with exits using branchify-train (Distiller's compress_classifier.py flags).")
+    parser.add_argument("--version", action="version", version=f"branchify {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    points = commands.add_parser(
+        "points", help="list the exit points of a model with shapes, layouts and cumulative MACs",
+        description=("List where exits can attach to ARCH (built with random weights, nothing is downloaded): "
+                     "each point's name for --exit-layers / ExitPoint(layer=...), the activation's shape and layout "
+                     "per sample, and the MACs spent up to it, in millions and as a share of the whole model."))
+    points.add_argument("arch", metavar="ARCH", help="a torchvision classifier or a CIFAR ResNet (resnet20_cifar, ...)")
+    points.add_argument("--input-size", type=positive_int, nargs="+", metavar="SIDE",
+                        help="input height [and width] in pixels (default: 32 for CIFAR ResNets, 224 otherwise)")
+    points.add_argument("--all-nodes", action="store_true",
+                        help="list every graph node, not just the block boundaries")
+    points.add_argument("--num-classes", type=positive_int, default=None,
+                        help="classes of the classifier (default: the arch's own)")
+
+    sweep_cmd = commands.add_parser(
+        "sweep", help="train a head at every candidate point and propose where exits pay off",
+        description=("Train one exit head at every candidate point at once on ARCH's frozen backbone, then pick the "
+                     "set of at most --max-exits exits with the fewest expected MACs whose accuracy drop stays within "
+                     f"--max-accuracy-drop on the validation split. Writes {RESULT}, {PLOT}, the chosen exits' "
+                     "checkpoint.safetensors and spec.json to --out. The backbone should be trained: pass "
+                     "--checkpoint (from branchify-train) or --backbone-epochs."))
+    sweep_cmd.add_argument("arch", metavar="ARCH", help="a torchvision classifier or a CIFAR ResNet")
+    _common_data(sweep_cmd, batch_size=64)
+    sweep_cmd.add_argument("--checkpoint", type=Path, default=None,
+                           help="a branchify checkpoint (e.g. from branchify-train) whose backbone weights to use")
+    sweep_cmd.add_argument("--backbone-epochs", type=non_negative_int, default=0,
+                           help="first train the plain model this many epochs with SGD (default: 0)")
+    sweep_cmd.add_argument("--backbone-lr", type=positive_float, default=0.05,
+                           help="SGD learning rate for --backbone-epochs (default: 0.05)")
+    sweep_cmd.add_argument("--epochs", type=positive_int, default=3, help="epochs of head training (default: 3)")
+    sweep_cmd.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate of the heads "
+                           "(default: 0.003)")
+    sweep_cmd.add_argument("--max-exits", type=positive_int, default=2,
+                           help="largest number of early exits in the proposal (default: 2)")
+    sweep_cmd.add_argument("--max-accuracy-drop", type=fraction, default=0.01,
+                           help="allowed top-1 drop against the final exit, as a fraction (default: 0.01 = one point)")
+    sweep_cmd.add_argument("--candidates", nargs="+", metavar="LAYER", default=None,
+                           help="the points to try (default: every point below 99%% of the MACs)")
+    sweep_cmd.add_argument("--criterion", default="entropy", choices=[c for c in registered_criteria()
+                                                                      if c != "distiller"],
+                           help="exit criterion (default: entropy)")
+    sweep_cmd.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output folder (default: runs/sweep)")
+
+    report = commands.add_parser(
+        "report", help="print the statistics of a saved model (Distiller's report and the MACs)",
+        description=("Rebuild the model saved in CHECKPOINT (bx.save, branchify-train) on ARCH and print Distiller's "
+                     "report on a split of DATASET: per exit the samples taken, their share and accuracy, the totals, "
+                     "then the MACs of each exit, of the original model, expected per sample, and the saving. "
+                     "Without thresholds every exit is judged on every sample (forced mode)."))
+    report.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .safetensors file written by bx.save")
+    _common_data(report, batch_size=128)
+    report.add_argument("--arch", "-a", default=None,
+                        help=f"the architecture the checkpoint was trained on (default: from the {SUMMARY} that "
+                             "branchify-train wrote beside it)")
+    report.add_argument("--split", choices=["val", "test"], default="val",
+                        help="which split to report on (default: val, as branchify-train does)")
+    report.add_argument("--thresholds", type=float, nargs="+", metavar="T", default=None,
+                        help="route by these thresholds instead of the saved ones, one per early exit")
+    report.add_argument("--criterion", choices=registered_criteria(), default=None,
+                        help="route by this criterion instead of the saved one")
+    return parser
+
+
+# --- points ------------------------------------------------------------------------------------
+
+
+def _points(args: argparse.Namespace) -> None:
+    check_arch(args.arch)
+    sizes = args.input_size or [default_input_size(args.arch)]
+    if len(sizes) > 2:
+        raise BranchifyError(f"--input-size takes a side, or a height and a width, got {len(sizes)} values {sizes}")
+    height, width = sizes[0], sizes[-1]
+    model = get_model(args.arch, args.num_classes).eval()
+    found = list_exit_points(model, torch.zeros(1, 3, height, width), all_nodes=args.all_nodes)
+    rows = [[p.name, "x".join(map(str, p.shape)), p.layout.value if p.layout else "?", f"{p.macs / 1e6:.2f}",
+             f"{p.macs_fraction:.1%}"] for p in found]
+    print(f"{args.arch} at 3x{height}x{width}: {len(found)} exit points")
+    print(_table(["name", "shape", "layout", "MMACs", "of total"], rows, right={3, 4}))
+    base = args.arch.removesuffix("_earlyexit")
+    if base in DISTILLER_EXITS:
+        print(f"Distiller's exits for {base}: {', '.join(p.layer for p in DISTILLER_EXITS[base])}")
+
+
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def _loaders(args: argparse.Namespace, val_fraction: float = 0.1):
+    from .data import make_loaders  # scikit-learn and torchvision's datasets only load when needed
+
+    if args.workers > usable_cores():
+        print(f"{PROG}: note: -j {args.workers} but {usable_cores()} usable CPU core(s); loading with "
+              f"{usable_cores()} worker(s)", file=sys.stderr)
+    return make_loaders(args.dataset, args.batch_size, min(args.workers, usable_cores()), args.seed,
+                        size=args.input_size, val_fraction=val_fraction)
+
+
+def _train_backbone(model: nn.Module, loader, *, epochs: int, lr: float, device: torch.device) -> list[float]:
+    """Train the plain ``model`` with cross-entropy and SGD (momentum 0.9); returns the mean loss per epoch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    model.to(device).train()
+    losses = []
+    for epoch in range(epochs):
+        total, samples = 0.0, 0
+        for inputs, target in tqdm(loader, desc=f"backbone epoch {epoch + 1}/{epochs}", disable=None, leave=False):
+            inputs, target = inputs.to(device), target.to(device)
+            loss = F.cross_entropy(model(inputs), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(target)
+            samples += len(target)
+        losses.append(total / max(samples, 1))
+        print(f"Backbone epoch [{epoch}]    Loss {losses[-1]:.6f}", flush=True)
+    return losses
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    check_arch(args.arch)
+    args.seed = 0 if args.seed is None else args.seed
+    if args.checkpoint is not None and args.backbone_epochs:
+        raise BranchifyError(
+            f"--checkpoint {args.checkpoint} and --backbone-epochs {args.backbone_epochs} both set the backbone's "
+            "weights; give one of them")
+    device = resolve_device(args.device)
+    loaders = _loaders(args)
+    train_loader = limit_batches(loaders.train, args.limit_batches)
+    val_loader = limit_batches(loaders.val, args.limit_batches)
+    example = loaders.val.dataset[0][0].unsqueeze(0)
+    torch.manual_seed(args.seed)
+    model = get_model(args.arch, loaders.num_classes)
+    if args.checkpoint is not None:
+        # the module shares its backbone with ``model``, so loading it trains ``model`` too
+        load(args.checkpoint, model, example)
+    elif args.backbone_epochs:
+        _train_backbone(model, train_loader, epochs=args.backbone_epochs, lr=args.backbone_lr, device=device)
+    else:
+        warnings.warn(
+            f"the backbone of {args.arch} has random weights (nothing is downloaded), so the heads learn from "
+            "untrained features; pass --checkpoint from branchify-train or --backbone-epochs N", stacklevel=1)
+    model.to(device).eval()
+    result = sweep(model, train_loader, val_loader, example_inputs=example.to(device), candidates=args.candidates,
+                   epochs=args.epochs, lr=args.lr, max_exits=args.max_exits,
+                   max_accuracy_drop=args.max_accuracy_drop, criterion=args.criterion, seed=args.seed,
+                   progress=sys.stderr.isatty())
+    print(repr(result))
+    out = args.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [result.to_json(out / RESULT), result.plot(out / PLOT)]
+    module = result.attach(model.cpu(), example)
+    written.append(save(module, out / "checkpoint.safetensors"))
+    (out / "spec.json").write_text(module.exit_spec.model_dump_json(indent=2) + "\n")
+    written.append(out / "spec.json")
+    print(f"Saved {', '.join(map(str, written))}")
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _with_overrides(spec: ExitSpec, thresholds: Sequence[float] | None, criterion: str | None) -> ExitSpec:
+    if thresholds is not None:
+        if len(thresholds) != len(spec.exits):
+            raise BranchifyError(
+                f"--thresholds has {len(thresholds)} value(s) {list(thresholds)} but the checkpoint has "
+                f"{len(spec.exits)} early exit(s) {spec.layers}; give one threshold per early exit")
+        spec = spec.with_exits(threshold=list(thresholds))
+    if criterion is not None:
+        spec = ExitSpec.model_validate({**spec.model_dump(), "criterion": criterion})
+    return spec
+
+
+def _training_run(checkpoint: Path) -> dict:
+    """What branchify-train recorded beside ``checkpoint`` ({} when it was not written by branchify-train)."""
+    try:
+        record = json.loads((checkpoint.parent / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and isinstance(record.get("args"), dict) else {}
+
+
+def _report(args: argparse.Namespace) -> None:
+    run = _training_run(args.checkpoint.expanduser())
+    trained = run.get("args", {})
+    if args.arch is None:
+        if "arch" not in run:
+            raise BranchifyError(
+                f"which architecture is {args.checkpoint}? No {SUMMARY} from branchify-train beside it names one; "
+                "pass --arch ARCH (the one it was trained with)")
+        args.arch = run["arch"]
+    elif "arch" in run and args.arch.removesuffix("_earlyexit") != str(run["arch"]).removesuffix("_earlyexit"):
+        raise BranchifyError(
+            f"--arch {args.arch} but {args.checkpoint} was trained as {run['arch']} (per the {SUMMARY} beside it); "
+            f"pass --arch {run['arch']}")
+    check_arch(args.arch)
+    # the training run's split: another seed or share would put training samples into val
+    if args.seed is None:
+        args.seed = int(trained.get("seed", 0))
+    if args.input_size is None and isinstance(trained.get("input_size"), int):
+        args.input_size = trained["input_size"]
+    device = resolve_device(args.device)
+    loaders = _loaders(args, val_fraction=float(trained.get("validation_size", 0.1)))
+    example = loaders.val.dataset[0][0].unsqueeze(0)
+    module = load(args.checkpoint, get_model(args.arch, loaders.num_classes), example)
+    spec = _with_overrides(module.exit_spec, args.thresholds, args.criterion)
+    costs = exit_costs(module, example)
+    module.to(device)
+    loader = limit_batches(getattr(loaders, args.split), args.limit_batches)
+    stats = evaluate(module, loader, spec=spec, costs=costs, device=device)
+    summary = stats.summary()
+    thresholds = "none" if spec.thresholds is None else ", ".join(f"{t:g}" for t in spec.thresholds)
+    print(f"{args.checkpoint}: {args.arch}, exits after {', '.join(spec.layers)}, criterion {spec.criterion!r}, "
+          f"thresholds {thresholds}")
+    print(f"--- {'validate' if args.split == 'val' else 'test'} ---------------------")
+    print(f"{summary.samples} samples ({args.batch_size} per mini-batch)")
+    if stats.mode == "forced":
+        print("No thresholds, so no routing: each exit is judged on every sample; pass --thresholds for the routed "
+              "report.")
+    stats.report()
+
+
+_COMMANDS = {"points": _points, "sweep": _sweep, "report": _report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``branchify`` with ``argv`` (default: the command line); returns the exit status.
+
+    User errors print one line on stderr and return 2, as argparse does for bad flags.
+    """
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        one_line_warnings(PROG)
+        try:
+            _COMMANDS[args.command](args)
+        except (BranchifyError, pydantic.ValidationError) as err:
+            print(f"{PROG} {args.command}: error: {error_line(err)}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The main job on data that ships offline: train, report, calibrate, run with real exits, save.
+
+``make demo`` runs this on scikit-learn's bundled digits (real 8x8 scans of handwritten digits,
+resized to 32x32 with three channels) with an unmodified torchvision ResNet-18:
+
+1. train the backbone and two exits jointly with Distiller's loss (weights from the spec);
+2. print Distiller's validation report with hand-picked thresholds, and the MAC cost lines;
+3. calibrate the thresholds for at most 1 point of accuracy drop on the validation split;
+4. run ``ExitRunner`` on the held-out test split, timing it against the original model in the
+   same run, and print the measured speedup, the MAC saving and the share leaving at each exit;
+5. write the spec, a checkpoint and two plots to ``runs/demo/``.
+
+    python -m branchify.demo [--epochs 8] [--out runs/demo] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from tqdm.auto import tqdm
+
+import branchify as bx
+from branchify.calibrate import calibrate_cached, collect_logits
+from branchify.data import make_loaders
+
+EXIT_LAYERS = ("layer1", "layer2")
+LOSS_WEIGHTS = (0.3, 0.3)
+HAND_THRESHOLDS = (0.5, 0.5)  # what a Distiller user would type before calibrating
+
+
+def build(seed: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    example = torch.zeros(1, 3, 32, 32)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer, weight=w, threshold=t)
+                              for layer, w, t in zip(EXIT_LAYERS, LOSS_WEIGHTS, HAND_THRESHOLDS)])
+    return model, bx.attach_exits(model, spec, example), example
+
+
+def train(module: torch.nn.Module, loaders, epochs: int, lr: float, progress: bool) -> None:
+    loss_fn = bx.EarlyExitLoss(module.exit_spec)
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loaders.train))
+    for epoch in range(epochs):
+        module.train()
+        for images, labels in tqdm(loaders.train, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                                   disable=not progress):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(module(images), labels)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        forced = bx.ExitStats(module.exit_spec, mode="forced")
+        module.eval()
+        with torch.no_grad():
+            for images, labels in loaders.val:
+                forced.update(module(images), labels)
+        rows = forced.summary().exits
+        tops = "  ".join(f"{row.layer} top1 {row.accuracy['top1']:6.2f}" for row in rows)
+        print(f"epoch {epoch + 1:2d}/{epochs}  loss {loss.item():.3f}  val (every sample forced out): {tops}")
+
+
+def routed_report(module: torch.nn.Module, loader, costs: bx.ExitCosts) -> bx.ExitStatsSummary:
+    stats = bx.ExitStats(module.exit_spec, mode="routed", costs=costs)
+    module.eval()
+    with torch.no_grad():
+        for images, labels in loader:
+            stats.update(module(images), labels)
+    stats.report()
+    return stats.summary()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and lazy initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model: torch.nn.Module, runner: bx.ExitRunner, batches: list[torch.Tensor], repeats: int):
+    """Time the original model and the runner over the same batches, interleaved in one run."""
+    model.eval()
+
+    def original():
+        with torch.inference_mode():
+            return [model(x) for x in batches]
+
+    def routed():
+        return [runner(x) for x in batches]
+
+    t_original, t_runner = [], []
+    for _ in range(repeats):  # interleaved so that machine noise hits both alike
+        t_original.append(median_seconds(original, 1))
+        t_runner.append(median_seconds(routed, 1))
+    return statistics.median(t_original), statistics.median(t_runner)
+
+
+def plot(path: Path, frontier: list[tuple[float, float]], chosen: bx.Calibration, final_accuracy: float,
+         shares: list[float]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs, ys = zip(*sorted(frontier))
+    ax.plot([100 * x for x in xs], [100 * y for y in ys], "o-", color="tab:blue", label="calibrated for a MAC budget")
+    ax.axhline(100 * final_accuracy, color="grey", ls="--", label="full network")
+    ax.plot([100 * chosen.mac_fraction], [100 * chosen.accuracy], "*", ms=16, color="tab:red",
+            label=f"chosen: <= 1 point drop ({100 * chosen.saving:.0f}% MACs saved)")
+    ax.set_xlabel("expected MACs (% of the original ResNet-18)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy against compute, digits")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    first = path / "accuracy_vs_macs.png"
+    fig.savefig(first, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = [*EXIT_LAYERS, "final"]
+    ax.bar(names, [100 * s for s in shares], color=["tab:green", "tab:olive", "tab:grey"])
+    for i, share in enumerate(shares):
+        ax.text(i, 100 * share + 1, f"{100 * share:.1f}%", ha="center")
+    ax.set_ylabel("share of test samples (%)")
+    ax.set_title("Where samples leave (ExitRunner)")
+    ax.set_ylim(0, 110)
+    fig.tight_layout()
+    second = path / "share_per_exit.png"
+    fig.savefig(second, dpi=120)
+    plt.close(fig)
+    return [first, second]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="branchify end to end on scikit-learn's digits (offline)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (medians are reported)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    progress = not args.no_progress and sys.stderr.isatty()
+
+    loaders = make_loaders("digits", batch_size=args.batch_size, seed=args.seed)
+    model, module, example = build(args.seed)
+    print(f"ResNet-18 on digits (32x32): {len(loaders.train.dataset)} train / {len(loaders.val.dataset)} val / "
+          f"{len(loaders.test.dataset)} test images; exits after {', '.join(EXIT_LAYERS)}")
+    for point in module.exit_points:
+        print(f"  {point}")
+
+    print("\n1. Training backbone and exits jointly (Distiller's loss, weights "
+          f"{list(LOSS_WEIGHTS)} + final {module.exit_spec.final_weight:.1f})")
+    train(module, loaders, args.epochs, args.lr, progress)
+
+    costs = bx.exit_costs(module, example)
+    print(f"\n2. Distiller's validation report on the test split, hand-picked entropy thresholds "
+          f"{list(HAND_THRESHOLDS)}")
+    routed_report(module, loaders.test, costs)
+
+    print("\n3. Calibrating thresholds for at most 1 point of accuracy drop (validation split)")
+    calibration = bx.calibrate(module, loaders.val, max_accuracy_drop=0.01, example_inputs=example,
+                               progress=progress)
+    print(calibration)
+    module.exit_spec = calibration.spec
+    print("\n   The same report on the test split with the calibrated thresholds:")
+    summary = routed_report(module, loaders.test, costs)
+
+    print("\n4. Real early exit: ExitRunner on the held-out test split")
+    runner = bx.ExitRunner(module, example)
+    batches, labels = zip(*loaders.test)
+    results = [runner(x) for x in batches]
+    taken = torch.cat([r.exit_index for r in results])
+    correct = torch.cat([r.logits.argmax(1) for r in results]) == torch.cat(labels)
+    shares = (taken.bincount(minlength=len(EXIT_LAYERS) + 1).double() / len(taken)).tolist()
+    mean_macs = torch.cat([r.macs for r in results]).mean().item()
+    t_original, t_runner = measure(model, runner, list(batches), args.repeats)
+    print(f"   accuracy {100 * correct.double().mean():.2f}% (routed statistics said {summary.totals['top1']:.2f}%)")
+    print("   share leaving at each exit: " + ", ".join(
+        f"{name} {100 * s:.1f}%" for name, s in zip([*EXIT_LAYERS, "final"], shares)))
+    print(f"   MACs per sample {mean_macs / 1e6:.2f} M vs {costs.original / 1e6:.2f} M for the original: "
+          f"{100 * (1 - mean_macs / costs.original):.1f}% saved")
+    print(f"   wall time over the test split (median of {args.repeats}): original {1e3 * t_original:.1f} ms, "
+          f"ExitRunner {1e3 * t_runner:.1f} ms: speedup {t_original / t_runner:.2f}x")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec_path = args.out / "spec.json"
+    spec_path.write_text(module.exit_spec.model_dump_json(indent=2) + "\n")
+    checkpoint = bx.save(module, args.out / "checkpoint.safetensors")
+    cached = collect_logits(module, loaders.test, progress=False)
+    frontier = []
+    for budget in (0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        point = calibrate_cached(module.exit_spec, cached, costs, target="mac_budget", value=budget, warn=False)
+        if point.met:
+            frontier.append((point.mac_fraction, point.accuracy))
+    test_calibration = calibration.evaluate(module, loaders.test, example_inputs=example, progress=False)
+    plots = plot(args.out, frontier, test_calibration, test_calibration.final_accuracy, shares)
+    print(f"\n5. Wrote {spec_path}, {checkpoint} and {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The `branchify` command: points, sweep and report, their help, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import branchify as bx
+from branchify import cli, train
+
+
+def rows_of(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+
+
+def test_points_lists_block_boundaries_with_shapes_and_macs(capsys):
+    assert cli.main(["points", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "resnet18 at 3x224x224: 13 exit points"
+    assert out.splitlines()[1].split() == ["name", "shape", "layout", "MMACs", "of", "total"]
+    rows = rows_of(out)
+    assert rows["layer1"][1:3] == ["64x56x56", "NCHW"] and rows["layer4"][1] == "512x7x7"
+    fractions = [float(row[-1].rstrip("%")) for row in rows.values()]
+    assert fractions == sorted(fractions) and fractions[-1] == 100.0
+
+
+def test_points_input_size_and_distillers_exits(capsys):
+    assert cli.main(["points", "resnet50_earlyexit", "--input-size", "64", "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert rows_of(out)["layer1"][1] == "256x16x16"
+    assert out.splitlines()[-1] == "Distiller's exits for resnet50: layer1, layer2"
+    assert cli.main(["points", "resnet20_cifar", "--input-size", "32", "16", "--all-nodes"]) == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert rows["layer1.2.relu2"][1] == "16x32x16"
+
+
+@pytest.mark.parametrize("command", ["points", "sweep", "report"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: branchify {command} ") and "--input-size" in out
+
+
+def test_top_level_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("points", "sweep", "report"))
+
+
+def test_sweep_on_digits_writes_result_plot_and_checkpoint(tmp_path, capsys):
+    out_dir = tmp_path / "sweep"
+    argv = ["sweep", "resnet20_cifar", "digits", "--epochs", "1", "--max-exits", "1", "--candidates", "layer1",
+            "layer2", "-b", "32", "--limit-batches", "2", "--out", str(out_dir)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "branchify: warning: the backbone of resnet20_cifar has random weights" in captured.err
+    assert captured.out.startswith("SweepResult(2 candidates")
+    result = json.loads((out_dir / "result.json").read_text())
+    assert [row["layer"] for row in result["candidates"]] == ["layer1", "layer2"]
+    assert result["samples"] == 64 and len(result["best"]["layers"]) == 1
+    assert (out_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    spec = bx.ExitSpec.model_validate_json((out_dir / "spec.json").read_text())
+    assert spec.layers == result["best"]["layers"] and (out_dir / "checkpoint.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A branchify-train run without thresholds: one small batch of digits on the CIFAR ResNet-20."""
+    out_dir = tmp_path_factory.mktemp("runs")
+    argv = ["--arch=resnet20_cifar_earlyexit", "--earlyexit_lossweights", "0.4", "-j", "0", "--epochs=1",
+            "--limit-batches", "1", "-b", "16", "--out-dir", str(out_dir), "-n", "ee", "--seed", "3", "digits"]
+    assert train.main(argv) == 0
+    return out_dir / "ee"
+
+
+def test_trainer_without_thresholds_reports_forced_statistics(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["validation"]["mode"] == "forced" and summary["args"]["seed"] == 3
+
+
+def test_report_prints_distillers_lines_for_a_trainer_checkpoint(trained_run, capsys):
+    checkpoint = str(trained_run / "checkpoint.safetensors")
+    # an entropy threshold above ln 10 lets every sample out at the first exit
+    assert cli.main(["report", checkpoint, "digits", "--thresholds", "3", "-b", "16", "--limit-batches", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{checkpoint}: resnet20_cifar_earlyexit, exits after layer1.2, criterion 'entropy'")
+    report = lines[lines.index("--- validate ---------------------") + 1:]
+    assert report[:3] == ["16 samples (16 per mini-batch)", "Exit 0: 16", "Percent Early Exit 0: 100.000"]
+    assert report[3].startswith("Accuracy Stats for exit 0: top1 = ")
+    assert report[4] == "Accuracy Stats for exit 1: top1 = 0.000, top5 = 0.000"
+    assert report[5].startswith("Totals for entire network with early exits: top1 = ")
+    assert report[6].startswith("MACs at exit 0: ") and report[-1].startswith("Saving vs the original model: ")
+
+
+def test_report_without_thresholds_is_forced(trained_run, capsys):
+    checkpoint = str(trained_run / "checkpoint.safetensors")
+    argv = ["report", checkpoint, "digits", "--arch", "resnet20_cifar", "--split", "test", "-b", "16",
+            "--limit-batches", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--- test ----" in out and "No thresholds, so no routing" in out
+    assert "Mean loss for exit 0: " in out and "Exit 0:" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["points", "resnet18x"], "branchify points: error: unknown arch 'resnet18x' (close names: resnet18"),
+    (["points", "resnet18", "--input-size", "1", "2", "3"], "--input-size takes a side, or a height and a width"),
+    (["report", "/no/such.safetensors", "digits", "--arch", "resnet20_cifar"],
+     "branchify report: error: no checkpoint at '/no/such.safetensors'"),
+    (["report", "/no/such.safetensors", "digits"], "pass --arch ARCH"),
+    (["sweep", "resnet20_cifar", "/no/such/folder"], "dataset path /no/such/folder does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_report_rejects_the_wrong_arch_and_threshold_count(trained_run, capsys):
+    checkpoint = str(trained_run / "checkpoint.safetensors")
+    assert cli.main(["report", checkpoint, "digits", "--arch", "resnet32_cifar"]) == 2
+    assert "was trained as resnet20_cifar_earlyexit" in capsys.readouterr().err
+    assert cli.main(["report", checkpoint, "digits", "--thresholds", "1", "2", "--limit-batches", "1"]) == 2
+    assert "--thresholds has 2 value(s) [1.0, 2.0] but the checkpoint has 1 early exit(s)" in capsys.readouterr().err
+
+
+def test_sweep_takes_the_backbone_from_a_trainer_checkpoint(trained_run, tmp_path, capsys):
+    checkpoint = trained_run / "checkpoint.safetensors"
+    argv = ["sweep", "resnet20_cifar", "digits", "--checkpoint", str(checkpoint), "--epochs", "1", "--max-exits",
+            "1", "--candidates", "layer1", "--limit-batches", "1", "-b", "16", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert "random weights" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "result.json").read_text())["candidates"][0]["layer"] == "layer1"
+    assert cli.main([*argv, "--backbone-epochs", "1"]) == 2
+    assert "give one of them" in capsys.readouterr().err
