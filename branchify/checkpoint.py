@@ -85,11 +85,29 @@ def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool =
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's private 0600 would survive the rename
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _summarise(kind: str, names: list[str]) -> str:
+    """``kind`` names grouped by their first two dotted parts, so a wrong architecture reads in one line."""
+    groups: dict[str, int] = {}
+    for name in names:
+        prefix = ".".join(name.split(".")[:2])
+        groups[prefix] = groups.get(prefix, 0) + 1
+    shown = ", ".join(f"{prefix}.* ({count})" if count > 1 else prefix for prefix, count in list(groups.items())[:6])
+    more = f" and {len(groups) - 6} more groups" if len(groups) > 6 else ""
+    return f"{len(names)} {kind}: {shown}{more}"
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[ExitSpec, dict[str, str], dict[str, torch.Tensor]]:
@@ -139,14 +157,18 @@ def load(path: str | os.PathLike, model: nn.Module, example_inputs, **attach_kwa
     expected = module.state_dict()
     with_backbone = json.loads(metadata.get("include_backbone", "true"))
     wanted = expected if with_backbone else {k: v for k, v in expected.items() if k.startswith(f"{HEADS}.")}
-    problems = [f"missing {k} {tuple(v.shape)}" for k, v in wanted.items() if k not in tensors]
-    problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
-    problems += [f"shape of {k}: saved {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
-                 for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
-    if problems:
-        listing = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+    missing = [k for k in wanted if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    reshaped = [f"{k} saved {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
+                for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        parts = [_summarise(kind, names) for kind, names in (("missing", missing), ("unexpected", unexpected))
+                 if names]
+        if reshaped:
+            parts.append(f"{len(reshaped)} with another shape: " + "; ".join(reshaped[:5])
+                         + (f"; and {len(reshaped) - 5} more" if len(reshaped) > 5 else ""))
         raise BranchifyError(
-            f"the weights in {str(path)!r} do not fit this model ({len(problems)} mismatch(es): {listing}). "
+            f"the weights in {str(path)!r} do not fit this model ({'; '.join(parts)}). "
             "Pass the same architecture (and num_classes) the checkpoint was saved from")
     module.load_state_dict(tensors, strict=with_backbone)
     return module

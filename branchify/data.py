@@ -525,7 +525,9 @@ def make_loaders(dataset: str | Path, batch_size: int = 128, workers: int = 0, s
 
     def loader(split: str) -> DataLoader:
         train = split == "train"
+        # persistent workers: no re-fork of the worker processes at every pass of every epoch
         return DataLoader(splits[split], batch_size=batch_size, shuffle=train, num_workers=workers,
+                          persistent_workers=workers > 0,
                           generator=torch.Generator().manual_seed(seed) if train else None)
 
     return Loaders(*(loader(split) for split in SPLITS))
