@@ -7,28 +7,49 @@
 3
 """
 
+from .calibrate import Calibration, calibrate
+from .checkpoint import load, save
 from .cost import ExitCosts, exit_costs
 from .criteria import register_criterion
-from .errors import BranchifyError
+from .errors import BranchifyError, SpecError
+from .freeze import freeze_backbone, unfreeze_backbone
 from .heads import register_head
 from .layout import Layout
+from .loss import EarlyExitLoss
 from .points import ExitPointInfo, list_exit_points
+from .runtime import ExitResult, ExitRunner
 from .spec import ExitPoint, ExitSpec, HeadSpec
+from .stats import ExitStats, ExitStatsSummary
 from .surgery import ExitModule, attach_exits
+from .sweep import SweepResult, sweep
 
 __all__ = [
     "BranchifyError",
+    "Calibration",
+    "EarlyExitLoss",
     "ExitCosts",
     "ExitModule",
     "ExitPoint",
     "ExitPointInfo",
+    "ExitResult",
+    "ExitRunner",
     "ExitSpec",
+    "ExitStats",
+    "ExitStatsSummary",
     "HeadSpec",
     "Layout",
+    "SpecError",
+    "SweepResult",
     "attach_exits",
+    "calibrate",
     "exit_costs",
+    "freeze_backbone",
     "list_exit_points",
+    "load",
     "register_criterion",
     "register_head",
+    "save",
+    "sweep",
+    "unfreeze_backbone",
 ]
 __version__ = "0.1.0"

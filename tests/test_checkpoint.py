@@ -91,7 +91,7 @@ def test_weights_for_another_model_report_every_mismatch_and_load_nothing(tmp_pa
     _assert_untouched(other, before)
     wrong_classes = fresh(num_classes=7)
     before = {k: v.clone() for k, v in wrong_classes.state_dict().items()}
-    with pytest.raises(bx.BranchifyError, match=r"6 with another shape: .*fc.weight saved \(4, 512\), model has \(7, 512"):
+    with pytest.raises(bx.BranchifyError, match=r"6 with another shape: .*fc.weight saved \(4, 512\), model has \(7"):
         bx.load(path, wrong_classes, X)
     _assert_untouched(wrong_classes, before)
 
