@@ -41,6 +41,26 @@ def spec_for(model: torch.nn.Module, x: torch.Tensor) -> bx.ExitSpec:
                               bx.ExitPoint(layer=points[2 * len(points) // 3].name)])
 
 
+def attach_and_forward(name: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of attach_exits and of one batch-1 forward of the same model."""
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, input_size(name), input_size(name))
+    spec = spec_for(model, x)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        forward = median_time(lambda: model(x), repeats)
+    return median_time(lambda: bx.attach_exits(model, spec, x), repeats), forward
+
+
+def attach_once(name: str) -> float:
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, input_size(name), input_size(name))
+    spec = spec_for(model, x)
+    start = time.perf_counter()
+    bx.attach_exits(model, spec, x)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the whole-zoo pass")
@@ -51,13 +71,7 @@ def main() -> None:
 
     print(f"{'model':<16} {'attach s':>9} {'forward s':>10} {'ratio':>7}")
     for name in MODELS:
-        model = torchvision.models.get_model(name, weights=None).eval()
-        x = torch.randn(1, 3, input_size(name), input_size(name))
-        spec = spec_for(model, x)
-        with torch.inference_mode():
-            model(x)  # warm-up
-            forward = median_time(lambda: model(x), args.repeats)
-        attach = median_time(lambda: bx.attach_exits(model, spec, x), args.repeats)
+        attach, forward = attach_and_forward(name, args.repeats)
         print(f"{name:<16} {attach:9.3f} {forward:10.3f} {attach / forward:7.2f}", flush=True)
 
     if args.quick:
@@ -65,15 +79,9 @@ def main() -> None:
     names = sorted(torchvision.models.list_models(module=torchvision.models))
     total, slowest = 0.0, ("", 0.0)
     for name in names:
-        model = torchvision.models.get_model(name, weights=None).eval()
-        x = torch.randn(1, 3, input_size(name), input_size(name))
-        spec = spec_for(model, x)
-        start = time.perf_counter()
-        bx.attach_exits(model, spec, x)
-        elapsed = time.perf_counter() - start
+        elapsed = attach_once(name)
         total += elapsed
         slowest = max(slowest, (name, elapsed), key=lambda item: item[1])
-        del model
     print(f"whole zoo: {len(names)} models, attach_exits total {total:.1f} s "
           f"(slowest {slowest[0]} {slowest[1]:.2f} s)")
 
