@@ -1,0 +1,198 @@
+"""How close the early-exit runtime comes to the ideal, on resnet50 at 224 with random weights.
+
+Exits after layer1, layer2 and layer3; thresholds are set at quantiles of each head's entropy on the
+benchmark batch so that 50% / 25% / 12.5% of the samples leave at exits 0 / 1 / 2 and 12.5% go to the
+end. Four ways to get the same predictions, timed in one run, interleaved; the median of the repeats,
+and the best (on a shared machine the load only ever adds time, so the best is the steadier figure):
+
+- (a) the original model;
+- (b) ``bx.ExitRunner``;
+- (c) the ideal: each stage and head run directly on exactly the samples that reach it (the
+  sub-batches are prepared beforehand), no criterion, no routing;
+- (d) whole-batch routing: the batch runs on until every sample has left (same decisions).
+
+Batch 1 runs 32 of the samples (16 with --quick) one at a time, with the same mix. Targets (issue 4,
+2 CPU cores): efficiency c/b >= 0.95 at batch 64 and >= 0.90 at batch 1; at batch 64 the runner is
+>= 1.5x faster than whole-batch routing.
+
+    python benchmarks/runtime.py            # 7 repeats
+    python benchmarks/runtime.py --quick    # 2 repeats, 16 samples at batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+import branchify as bx
+from branchify.criteria import get_criterion
+
+LAYERS = ["layer1", "layer2", "layer3"]
+SHARES = [0.5, 0.25, 0.125]  # of the whole batch, leaving at exits 0, 1, 2; the rest goes to the end
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def set_thresholds(module: bx.ExitModule, x: torch.Tensor) -> None:
+    """Entropy thresholds halfway between neighbouring scores, so that SHARES of ``x`` leave."""
+    crit = get_criterion("entropy")
+    with torch.inference_mode():
+        outputs = module(x)
+    running = torch.ones(len(x), dtype=torch.bool)
+    thresholds = []
+    for i, share in enumerate(SHARES):
+        scores = crit.score(outputs[i])
+        ranked = scores[running].sort().values
+        n = round(share * len(x))
+        thresholds.append(float(ranked[n - 1] + ranked[n]) / 2 if n < len(ranked) else float(ranked[-1]) + 1)
+        running &= ~crit.fires(scores, thresholds[-1])
+    module.exit_spec = module.exit_spec.with_exits(threshold=thresholds)
+
+
+def ideal(runner: bx.ExitRunner, x: torch.Tensor, exit_index: torch.Tensor) -> Callable[[], None]:
+    """(c): each stage on exactly the samples that reach it, with the sub-batches prepared beforehand."""
+    k = len(runner.heads)
+    work = []
+    with torch.inference_mode():
+        values, taken = (x,), exit_index
+        for i, stage in enumerate(runner.stages):
+            if len(taken) == 0:
+                break
+            work.append((stage, values, runner.heads[i] if i < k else None))
+            values = stage(*values)
+            keep = taken > i
+            values, taken = tuple(v[keep] for v in values), taken[keep]
+
+    def run() -> None:
+        for stage, inputs, head in work:
+            out = stage(*inputs)
+            if head is not None:
+                head(out[0])
+
+    return run
+
+
+def whole_batch(runner: bx.ExitRunner, module: bx.ExitModule) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(d): the batch leaves at the first exit where every sample has cleared some exit."""
+    spec = module.exit_spec
+    rules = [(get_criterion(spec.criterion_of(i)), t) for i, t in enumerate(spec.thresholds)]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        values = (x,)
+        logits = None
+        running = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for i, stage in enumerate(runner.stages[:-1]):
+            values = stage(*values)
+            z = runner.heads[i](values[0])
+            crit, threshold = rules[i]
+            fired = crit.fires(crit.score(z), threshold) & running
+            logits = z if logits is None else torch.where(fired[:, None], z, logits)
+            running &= ~fired
+            if not bool(running.any()):
+                return logits
+        final = runner.stages[-1](*values)[0]
+        return torch.where(running[:, None], final, logits)
+
+    return run
+
+
+def timed(units: list[dict[str, Callable[[], object]]], repeats: int,
+          device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and best over repeats of each variant's total seconds over ``units`` (one per sample at batch 1).
+
+    The variants run back to back on each unit, in an order that rotates every repeat, so that the
+    load of a shared machine, which drifts, falls on all of them alike.
+    """
+    names = list(units[0])
+    totals: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for unit in units:  # warm-up
+            for fn in unit.values():
+                fn()
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            spent = dict.fromkeys(names, 0.0)
+            for unit in units:
+                for name in order:
+                    sync(device)
+                    start = time.perf_counter()
+                    unit[name]()
+                    sync(device)
+                    spent[name] += time.perf_counter() - start
+            for name in names:
+                totals[name].append(spent[name])
+    return ({name: statistics.median(t) for name, t in totals.items()},
+            {name: min(t) for name, t in totals.items()})
+
+
+def report(label: str, times: tuple[dict[str, float], dict[str, float]], mac_ideal: float) -> None:
+    for kind, t in zip(("median", "best"), times):
+        a, b, c, d = t["a"], t["b"], t["c"], t["d"]
+        print(f"{label:<10} {kind:<6} {a * 1e3:9.1f} {b * 1e3:9.1f} {c * 1e3:9.1f} {d * 1e3:9.1f}   "
+              f"{a / b:6.2f}x {c / b:6.3f} {mac_ideal:6.2f}x {d / b:6.2f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 repeats and 16 samples at batch 1")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7, quick 2)")
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 7)
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+
+    model = torchvision.models.resnet50().eval()
+    x = torch.randn(args.batch, 3, 224, 224)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in LAYERS])
+    module = bx.attach_exits(model, spec, x[:1]).eval()
+    set_thresholds(module, x)
+    runner = bx.ExitRunner(module, example_inputs=x[:1])
+    costs = bx.exit_costs(module, x[:1])
+    routed = whole_batch(runner, module)
+
+    with torch.inference_mode():
+        result = runner(x)
+    taken = result.exit_index
+    mix = taken.bincount(minlength=len(LAYERS) + 1).tolist()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resnet50 224x224, exits after "
+          f"{', '.join(LAYERS)}; samples leaving at exits 0/1/2/final: {mix} of {len(x)}")
+    print(f"{'batch':<10} {'time':<6} {'a orig ms':>9} {'b runner':>9} {'c ideal':>9} {'d whole':>9}   "
+          f"{'a/b':>7} {'c/b':>6} {'MAC a/b':>7} {'d/b':>7}")
+
+    mac_ideal = costs.original / float(result.macs.mean())
+    t = timed([{"a": lambda: model(x), "b": lambda: runner(x), "c": ideal(runner, x, taken),
+                "d": lambda: routed(x)}], repeats, device)
+    report(f"{len(x)}", t, mac_ideal)
+
+    # Batch 1: a subset of the same samples one at a time, with the same mix of exits.
+    counts = [8, 4, 2, 2] if args.quick else [16, 8, 4, 4]
+    picks = torch.cat([torch.nonzero(taken == e).flatten()[:n] for e, n in enumerate(counts)])
+    singles = [x[j:j + 1].clone() for j in picks.tolist()]
+    with torch.inference_mode():
+        single_taken = [runner(s).exit_index for s in singles]
+    single_macs = torch.cat([runner(s).macs for s in singles])
+    flips = sum(int(e != taken[j]) for e, j in zip(single_taken, picks.tolist()))
+    units = [{"a": functools.partial(model, s), "b": functools.partial(runner, s), "c": ideal(runner, s, e),
+              "d": functools.partial(routed, s)} for s, e in zip(singles, single_taken)]
+    t = timed(units, repeats, device)
+    report(f"1 (x{len(singles)})", t, costs.original / float(single_macs.mean()))
+    if flips:
+        print(f"({flips} of {len(singles)} samples take another exit at batch 1 than at batch {len(x)}: "
+              "batch-size-dependent rounding near a threshold)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Cutting a traced exit module's eval graph into stages, one per stretch between exits.
+
+Stage ``i`` runs the backbone from the previous cut up to exit ``i``'s anchor; the last stage runs the
+rest and returns the final logits. The values live across a cut (defined before it, used after it)
+are the stage's outputs and the next stage's inputs; a cut inside a residual block carries the branch
+and the block input. Every stage returns a tuple whose first item is its exit's head input.
+
+Parameters and buffers stay inside the stage that uses them (``torch.fx.passes.split_module`` hoists
+``get_attr`` nodes into stage inputs instead). Values that are not per-sample activations are never
+carried: anything that does not depend on the input (a parameter, a relative position bias computed
+from buffers) and shape arithmetic (``x.shape[0]``) are recomputed in the stage that reads them, so a
+carried batch size can never go stale when the batch shrinks.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from .errors import BranchifyError
+from .trace import QUALNAME
+
+__all__ = ["Stages", "extract_stages"]
+
+HEAD_PREFIX = "exit_heads."
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
+# Functions that, applied to shape values, give shape values (``h // 16``, ``shape[0]``, ``len(shape)``).
+_SHAPE_FUNCTIONS = {
+    *(getattr(operator, name) for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
+                                           "eq", "ne", "lt", "le", "gt", "ge", "pow")),
+    builtins.len, builtins.int, builtins.min, builtins.max, math.prod,
+}
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The stages of an exit module: ``modules[i]`` feeds head ``i``; ``modules[-1]`` gives the final logits.
+
+    ``carried[i]`` names the graph values stage ``i`` returns (its head input first), which stage
+    ``i + 1`` takes as inputs.
+
+    >>> import torch, torchvision, branchify as bx
+    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer2")])
+    >>> module = bx.attach_exits(torchvision.models.resnet18(), spec, torch.randn(1, 3, 32, 32))
+    >>> stages = extract_stages(module, module._graphs[False])
+    >>> len(stages.modules), stages.carried
+    (2, [['layer2_1_relu_1']])
+    """
+
+    modules: list[fx.GraphModule]
+    carried: list[list[str]]
+
+
+def _defined_in_stage(nodes: list[fx.Node], anchors: list[fx.Node]) -> dict[fx.Node, int]:
+    """Stage of every node: how many anchors come strictly before it in graph order."""
+    stage, cut = {}, 0
+    for node in nodes:
+        stage[node] = cut
+        if cut < len(anchors) and node is anchors[cut]:
+            cut += 1
+    return stage
+
+
+def _recomputable(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Nodes a later stage recomputes rather than receives: input-free values and shape arithmetic."""
+    free: set[fx.Node] = set()
+    shape: set[fx.Node] = set()
+    for node in nodes:
+        inputs = node.all_input_nodes
+        if node.op in ("get_attr", "call_module", "call_function", "call_method") and all(a in free for a in inputs):
+            free.add(node)
+            continue
+        reads_shape = (
+            (node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
+             and node.args[1] in _SHAPE_ATTRS)
+            or (node.op == "call_method" and node.target in _SHAPE_METHODS)
+        )
+        if reads_shape or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS and inputs
+                           and all(a in shape or a in free for a in inputs)):
+            shape.add(node)
+    return free | shape
+
+
+def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
+    """Cut ``graph`` (an exit module's eval graph) into stages that share ``root``'s parameters.
+
+    The graph must be one ``bx.attach_exits`` made: heads are ``call_module`` nodes on
+    ``exit_heads.{k}`` and the output is ``(exit_0, ..., exit_{k-1}, final)``.
+
+    >>> import torch, torchvision, branchify as bx
+    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1.0.conv2")])
+    >>> module = bx.attach_exits(torchvision.models.resnet18(), spec, torch.randn(1, 3, 32, 32))
+    >>> stages = extract_stages(module, module._graphs[False])
+    >>> stages.carried[0]  # the cut falls inside a residual block: the block input crosses too
+    ['layer1_0_conv2', 'maxpool']
+    """
+    nodes = list(graph.nodes)
+    heads = sorted((n for n in nodes if n.op == "call_module" and str(n.target).startswith(HEAD_PREFIX)),
+                   key=lambda n: int(str(n.target)[len(HEAD_PREFIX):]))
+    output = nodes[-1]
+    if not heads or output.op != "output" or len(output.args[0]) != len(heads) + 1:
+        raise BranchifyError("extract_stages needs the eval graph of a module made by bx.attach_exits")
+    anchors = [h.args[0] for h in heads]
+    final = output.args[0][-1]
+    if not isinstance(final, fx.Node):
+        raise BranchifyError(f"the model's final output is {type(final).__name__}, not a tensor; "
+                             "the runtime needs a classifier whose eval output is a (batch, classes) tensor")
+    body = [n for n in nodes if n not in heads and n is not output]
+    stage_of = _defined_in_stage(body, anchors)
+    recompute = _recomputable(body)
+    num_stages = len(anchors) + 1
+
+    # What each stage reads from earlier stages, after recomputing what can be recomputed.
+    reads: list[set[fx.Node]] = [set() for _ in range(num_stages)]
+
+    def needs(node: fx.Node, stage: int, seen: set[fx.Node]) -> None:
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg in recompute:  # copied into every stage that reads it, so its own inputs are read here
+                needs(arg, stage, seen)
+            elif stage_of[arg] != stage:
+                reads[stage].add(arg)
+
+    for node in body:
+        if node not in recompute:
+            needs(node, stage_of[node], set())
+
+    position = {n: i for i, n in enumerate(body)}
+    carried: list[list[fx.Node]] = []
+    for cut, anchor in enumerate(anchors):
+        live = {v for later in reads[cut + 1:] for v in later if stage_of[v] <= cut}
+        live.discard(anchor)
+        carried.append([anchor, *sorted(live, key=position.__getitem__)])
+
+    modules = []
+    for stage in range(num_stages):
+        sources = [n for n in body if n.op == "placeholder"] if stage == 0 else carried[stage - 1]
+        result = carried[stage] if stage < len(anchors) else [final]
+        members = [n for n in body if stage_of[n] == stage and n.op != "placeholder"]
+        modules.append(_build(root, sources, members, result, recompute, f"ExitStage{stage}"))
+    return Stages(modules, [[n.name for n in c] for c in carried])
+
+
+def _build(root: nn.Module, sources: list[fx.Node], members: list[fx.Node], result: list[fx.Node],
+           recompute: set[fx.Node], class_name: str) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for source in sources:
+        # The model's own inputs keep their defaults; carried values become plain inputs.
+        env[source] = graph.node_copy(source) if source.op == "placeholder" else graph.placeholder(source.name)
+        env[source].meta = dict(source.meta)
+
+    def value(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node not in recompute:
+                raise BranchifyError(
+                    f"internal: node {node.meta.get(QUALNAME, node.name)!r} is read across a cut but not carried")
+            env[node] = graph.node_copy(node, value)
+        return env[node]
+
+    for node in members:
+        # Recomputable nodes are copied where they are first read, so unused ones never appear.
+        if node not in recompute:
+            env[node] = graph.node_copy(node, value)
+    graph.output(tuple(value(n) for n in result))
+    graph.lint()
+    return fx.GraphModule(root, graph, class_name=class_name)
