@@ -63,6 +63,13 @@ def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool =
     """
     spec = _check_module(module)
     state = module.state_dict()
+    sharded = sorted(k for k, v in state.items() if type(v) is not torch.Tensor)
+    if sharded:
+        raise BranchifyError(
+            f"{len(sharded)} weights ({sharded[0]}, ...) are sharded tensor subclasses (FSDP/DTensor); gather a "
+            "full state dict first: torch.distributed.checkpoint.state_dict.get_model_state_dict(module, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)), load it into an unsharded "
+            "module on rank 0 and save that")
     if not include_backbone:
         state = {k: v for k, v in state.items() if k.startswith(f"{HEADS}.")}
     # clones: safetensors refuses tensors that share storage (tied or shared backbone weights)
@@ -158,15 +165,15 @@ def load(path: str | os.PathLike, model: nn.Module, example_inputs, **attach_kwa
     with_backbone = json.loads(metadata.get("include_backbone", "true"))
     wanted = expected if with_backbone else {k: v for k, v in expected.items() if k.startswith(f"{HEADS}.")}
     missing = [k for k in wanted if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    reshaped = [f"{k} saved {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
-                for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    unexpected = sorted(k for k in tensors if k not in expected)
+    reshaped = [f"{k} saved {tuple(tensors[k].shape)}, model has {tuple(expected[k].shape)}"
+                for k in sorted(tensors) if k in expected and tensors[k].shape != expected[k].shape]
     if missing or unexpected or reshaped:
         parts = [_summarise(kind, names) for kind, names in (("missing", missing), ("unexpected", unexpected))
                  if names]
         if reshaped:
-            parts.append(f"{len(reshaped)} with another shape: " + "; ".join(reshaped[:5])
-                         + (f"; and {len(reshaped) - 5} more" if len(reshaped) > 5 else ""))
+            parts.append(f"{len(reshaped)} with another shape: " + "; ".join(reshaped[:8])
+                         + (f"; and {len(reshaped) - 8} more" if len(reshaped) > 8 else ""))
         raise BranchifyError(
             f"the weights in {str(path)!r} do not fit this model ({'; '.join(parts)}). "
             "Pass the same architecture (and num_classes) the checkpoint was saved from")

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import BranchifyError
-from .propagate import propagate
+from .propagate import fake_mode, propagate
 from .trace import as_tuple, restore_modes
 
 __all__ = ["ExitCosts", "exit_costs"]
@@ -62,7 +61,7 @@ def _costs(backbone: list[float], heads: list[float], total_backbone: float) -> 
 
 
 def _head_macs(head: nn.Module, shape: tuple[int, ...]) -> float:
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with fake_mode() as mode:
         x = mode.from_tensor(torch.empty(1, *shape))
         with FlopCounterMode(display=False) as counter:
             head(x)

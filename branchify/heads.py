@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torchvision.ops.misc import Permute
 
 from .errors import BranchifyError
 from .layout import Layout
+from .propagate import fake_mode
 from .spec import HeadSpec
 
 __all__ = ["GlobalPool", "HeadFactory", "build_head", "register_head", "registered_heads"]
@@ -101,7 +101,7 @@ def _fake_output_shape(layers: Sequence[nn.Module], shape: Sequence[int], what: 
     """
     snapshot = [(m, m.training) for layer in layers for m in layer.modules()]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with fake_mode() as mode:
             x = mode.from_tensor(torch.empty(2, *shape))
             for layer in layers:
                 before = tuple(x.shape[1:])

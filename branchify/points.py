@@ -75,6 +75,9 @@ class Analysis:
         facts = self.facts.get(node.name)
         if facts is None or facts.shape is None:
             return "its value is not a tensor; pick a layer whose output is a tensor"
+        if facts.dtype is not None and not (facts.dtype.is_floating_point or facts.dtype.is_complex):
+            return (f"its value is a {facts.dtype} tensor (indices or a mask), which a head cannot read; pick a "
+                    "layer after the embedding or the first layer that computes features")
         if node in self.outputs:
             return ("it is the model's final output, which is already the last exit; pick an earlier layer")
         if node not in self.feeds_output:

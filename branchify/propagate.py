@@ -7,6 +7,9 @@ node, so a node's MACs are exactly what the counter attributes to it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +20,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import BranchifyError
 from .trace import as_tuple, restore_modes
 
-__all__ = ["NodeFacts", "propagate"]
+__all__ = ["NodeFacts", "fake_mode", "propagate"]
+
+_FAKE_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def fake_mode() -> Iterator[FakeTensorMode]:
+    """A ``FakeTensorMode`` that accepts real parameters and keeps torch's own error log quiet.
+
+    branchify turns a failing fake run into a BranchifyError that names the layer and the fix;
+    torch would otherwise log a traceback first.
+    """
+    level = _FAKE_LOGGER.level
+    _FAKE_LOGGER.setLevel(logging.CRITICAL)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode
+    finally:
+        _FAKE_LOGGER.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -63,7 +84,7 @@ def propagate(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, NodeFacts],
     snapshot = [(m, m.training) for m in gm.modules()]
     gm.eval()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with fake_mode() as mode:
             fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
             with FlopCounterMode(display=False) as counter:
                 interp = _Counting(gm, counter)

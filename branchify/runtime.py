@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .cost import exit_costs
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
-from .propagate import describe_inputs
+from .propagate import describe_inputs, fake_mode
 from .spec import ExitSpec
 from .stages import extract_stages
 
@@ -460,7 +459,7 @@ def _rules(spec: ExitSpec) -> list[_Rule]:
 def _check_carried(stages: list[nn.Module], example: tuple[torch.Tensor, ...]) -> None:
     """Every value carried across a cut must be a per-sample tensor, or compaction would be wrong."""
     pairs = [torch.cat([a, a]) for a in example]  # batch 2: tells the batch dim apart
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with fake_mode() as mode:
         values = tuple(mode.from_tensor(a) for a in pairs)
         for i, stage in enumerate(stages[:-1]):
             values = stage(*values)

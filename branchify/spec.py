@@ -237,12 +237,13 @@ class ExitSpec(_SpecModel):
 
     def with_exits(self, **changes: Sequence[Any]) -> ExitSpec:
         """A copy with per-exit fields replaced, e.g. ``spec.with_exits(threshold=[0.5, 0.7])``."""
-        exits = list(self.exits)
+        exits = [p.model_dump() for p in self.exits]
         for field, values in changes.items():
             if len(values) != len(exits):
                 raise BranchifyError(f"{len(values)} values for {field!r}, but the spec has {len(exits)} exits")
-            exits = [p.model_copy(update={field: v}) for p, v in zip(exits, values)]
-        return type(self).model_validate({**self.model_dump(), "exits": [p.model_dump() for p in exits]})
+            # plain dicts, validated once below: model_copy(update=...) would skip validation
+            exits = [{**point, field: value} for point, value in zip(exits, values)]
+        return type(self).model_validate({**self.model_dump(), "exits": exits})
 
     @classmethod
     def from_distiller_args(cls, layers: Sequence[str], thresholds: Sequence[float] | None,

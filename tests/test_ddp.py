@@ -1,0 +1,182 @@
+"""The multi-output module trains under DistributedDataParallel exactly as in one process.
+
+Two processes (gloo, CPU) train the same small model with two exits for a few steps on halves of
+each global batch; their parameters must be bit-identical to each other and match a single-process
+run over the whole global batch.
+
+The model has no BatchNorm on purpose. Under DDP a plain BatchNorm normalises each rank's half
+batch with that half's mean and variance, so its forward (and hence every gradient) differs from a
+single process that normalises the whole global batch; its running statistics would also be
+overwritten by rank 0's at every forward (``broadcast_buffers``). SyncBatchNorm would fix the
+forward but needs an accelerator device. Without BatchNorm the only difference is floating-point
+summation order, which is what the tolerance below allows for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import branchify as bx
+
+WORLD = 2
+STEPS = 3
+GLOBAL_BATCH = 8
+CLASSES = 5
+X_SHAPE = (3, 16, 16)
+JOIN_TIMEOUT = 60.0  # seconds; each worker spends a few importing torch, then trains for well under one
+RTOL, ATOL = 1e-5, 1e-6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ResidualNet(nn.Module):
+    """A conv stem, a residual block and a classifier: every parameter feeds the final output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.block(x))
+        x = torch.relu(self.down(x))
+        return self.fc(x.mean((2, 3)))
+
+
+SPEC = bx.ExitSpec(exits=[bx.ExitPoint(layer="stem", weight=0.3), bx.ExitPoint(layer="block", weight=0.2)])
+
+
+def build() -> bx.ExitModule:
+    return bx.attach_exits(ResidualNet(), SPEC, torch.zeros(1, *X_SHAPE)).train()
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, GLOBAL_BATCH, *X_SHAPE, generator=generator)
+    y = torch.randint(0, CLASSES, (STEPS, GLOBAL_BATCH), generator=generator)
+    return x, y
+
+
+def train(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """SGD with momentum on the batches ``x[step]``; the loss is a mean over the batch given."""
+    loss_fn = bx.EarlyExitLoss(SPEC)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    for step in range(x.shape[0]):
+        optimizer.zero_grad()
+        loss_fn(module(x[step]), y[step]).backward()
+        optimizer.step()
+
+
+def worker(rank: int, port: int, directory: str) -> None:
+    torch.set_num_threads(1)  # two workers on two shared cores
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        module = build()
+        module.load_state_dict(load_file(os.path.join(directory, "initial.safetensors")))
+        # find_unused_parameters stays False: every parameter reaches the loss through some exit, and
+        # DDP would raise at the second step if one did not.
+        ddp = DistributedDataParallel(module)
+        x, y = data()
+        half = GLOBAL_BATCH // WORLD
+        train(ddp, x[:, rank * half:(rank + 1) * half], y[:, rank * half:(rank + 1) * half])
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+                  os.path.join(directory, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(directory: Path) -> None:
+    context = mp.start_processes(worker, args=(free_port(), str(directory)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the DDP workers did not finish within {JOIN_TIMEOUT:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def test_ddp_training_matches_a_single_process_over_the_global_batch(tmp_path):
+    torch.manual_seed(0)
+    initial = build()
+    assert isinstance(initial, torch.fx.GraphModule)
+    start = {k: v.detach().clone() for k, v in initial.state_dict().items()}
+    save_file(start, str(tmp_path / "initial.safetensors"))
+
+    run_workers(tmp_path)
+
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    assert ranks[0].keys() == start.keys()
+    for name in start:
+        # The gradient all-reduce hands every rank the same bits, and the optimiser step is deterministic.
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+    x, y = data()
+    train(initial, x, y)
+    single = initial.state_dict()
+    for name in start:
+        moved = (single[name] - start[name]).abs().max()
+        assert moved > 100 * ATOL, f"{name} barely trained, so the comparison would prove nothing"
+        # DDP averages two half-batch means; one process takes one mean over the whole batch. The two
+        # sum in different orders, so float32 rounding differs (measured: at most 1.5e-8 absolute after
+        # 3 steps, while every tensor moves by more than 2e-3); the tolerance sits well between the two.
+        torch.testing.assert_close(ranks[0][name], single[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_the_torchrun_example_trains_and_saves_a_loadable_checkpoint(tmp_path):
+    # The command docs/distributed.md gives (torchrun is torch.distributed.run); --standalone finds a free port.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(ROOT / "examples" / "ddp_train.py"), "--steps", "3", "--out", str(tmp_path / "exits.safetensors")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=JOIN_TIMEOUT, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0" in result.stdout and "step 3" in result.stdout
+
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    module = bx.load(tmp_path / "exits.safetensors", model, torch.zeros(1, 3, 32, 32))
+    assert module.exit_spec.layers == ["layer1", "layer2"]
+    assert len(module.eval()(torch.zeros(2, 3, 32, 32))) == 3
+
+
+def test_saving_a_sharded_module_asks_for_a_full_state_dict(tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    # A one-process group is enough for fully_shard to turn the parameters into DTensor shards.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        module = build()
+        fully_shard(module)
+        with pytest.raises(bx.BranchifyError, match="full state dict"):
+            bx.save(module, tmp_path / "exits.safetensors")
+        assert not (tmp_path / "exits.safetensors").exists()
+    finally:
+        dist.destroy_process_group()
