@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .cost import ExitCosts, exit_costs
 from .criteria import Criterion, get_criterion, route

@@ -25,7 +25,7 @@ import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import load, save

@@ -104,8 +104,8 @@ def _hook_costs(module: nn.Module, inputs: tuple, batch: int) -> ExitCosts:
     module.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module.run_with_hooks(
-                lambda i, out: seen.__setitem__(i, (counter.get_total_flops() / 2, tuple(out.shape[1:]))),
+            module.run_with_hooks(  # the first call of an exit layer counts, as in the forward
+                lambda i, out: seen.setdefault(i, (counter.get_total_flops() / 2, tuple(out.shape[1:]))),
                 *inputs)
             total = counter.get_total_flops() / 2
     finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import branchify as bx
 from branchify.calibrate import calibrate_cached, collect_logits

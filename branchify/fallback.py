@@ -10,6 +10,7 @@ inputs (fake tensors cannot follow data-dependent branches).
 from __future__ import annotations
 
 import difflib
+from functools import partial
 
 import torch
 from torch import nn
@@ -26,11 +27,17 @@ from .trace import restore_modes
 __all__ = ["HookExitModule", "attach_exits_with_hooks"]
 
 
+def _call_ignoring_result(hook, index: int, _module: nn.Module, _args, output) -> None:
+    # A forward hook that returns a value replaces the module's output; callbacks must never do that.
+    hook(index, output)
+
+
 class HookExitModule(nn.Module):
     """A model with exit heads fed by forward hooks; forward returns ``(exit_0, ..., final)``.
 
     Same attributes as ``ExitModule``; ``exit_path == "hooks"``. ``layer_paths`` are the hooked
-    module paths in exit order; the last call of a module during a forward is the one that counts.
+    module paths in exit order; the first call of a module during a forward is the one that counts
+    (as in the runtime, which must decide before the forward goes on).
     """
 
     exit_path = "hooks"
@@ -47,13 +54,22 @@ class HookExitModule(nn.Module):
         self.training = model.training
         self.exit_heads.train(model.training)
 
+    @property
+    def exit_spec(self) -> ExitSpec:
+        """The spec, exits in execution order; assign a new one to change thresholds, weights or criteria."""
+        return self.__dict__["_exit_spec"]
+
+    @exit_spec.setter
+    def exit_spec(self, spec: ExitSpec) -> None:
+        built = self.__dict__.get("_exit_spec")
+        self.__dict__["_exit_spec"] = spec if built is None else ExitSpec.check_replaces(spec, built)
+
     def run_with_hooks(self, hook, *args, **kwargs):
         """Run the model with ``hook(index, output)`` called after each exit layer."""
         handles = []
         for index, path in enumerate(self.layer_paths):
             module = self.model.get_submodule(path)
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, out, index=index: hook(index, out)))
+            handles.append(module.register_forward_hook(partial(_call_ignoring_result, hook, index)))
         try:
             return self.model(*args, **kwargs)
         finally:
@@ -62,7 +78,7 @@ class HookExitModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         captured: dict[int, torch.Tensor] = {}
-        final = self.run_with_hooks(captured.__setitem__, *args, **kwargs)
+        final = self.run_with_hooks(captured.setdefault, *args, **kwargs)
         missing = [self.layer_paths[i] for i in range(len(self.layer_paths)) if i not in captured]
         if missing:
             raise BranchifyError(f"exit layers {missing} did not run in this forward, so their exits have no input")
@@ -89,9 +105,9 @@ def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: tuple, *, 
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             for index, point in enumerate(spec.exits):
                 def hook(_m, _a, out, index=index):
-                    if index not in seen:
+                    if index not in seen:  # the first call counts, as in the forward and the runtime
                         order.append(index)
-                    seen[index] = (out, counter.get_total_flops() / 2)
+                        seen[index] = (out, counter.get_total_flops() / 2)
                 handles.append(modules[point.layer].register_forward_hook(hook))
             try:
                 output = model(*inputs)

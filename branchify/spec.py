@@ -245,6 +245,23 @@ class ExitSpec(_SpecModel):
             exits = [{**point, field: value} for point, value in zip(exits, values)]
         return type(self).model_validate({**self.model_dump(), "exits": exits})
 
+    def check_replaces(self, built: ExitSpec) -> ExitSpec:
+        """This spec, if it can stand in for ``built`` on an existing module (same layers and heads).
+
+        Thresholds, weights, criteria and temperatures may change; where the exits are and what
+        their heads look like are fixed when the module is built.
+        """
+        if not isinstance(self, ExitSpec):
+            raise SpecError(f"exit_spec must be a bx.ExitSpec, got {type(self).__name__}")
+        old = [(p.layer, p.head) for p in built.exits]
+        new = [(p.layer, p.head) for p in self.exits]
+        if new != old:
+            raise SpecError(
+                f"this module was built with exits at {built.layers}; a new spec may change thresholds, weights, "
+                f"criteria and temperatures, but not the layers or heads (got {self.layers}). Call "
+                "bx.attach_exits(model, spec, example_inputs) again for other exits")
+        return self
+
     @classmethod
     def from_distiller_args(cls, layers: Sequence[str], thresholds: Sequence[float] | None,
                             lossweights: Sequence[float] | None, *, head: HeadSpec | None = None,

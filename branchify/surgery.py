@@ -56,6 +56,16 @@ class ExitModule(fx.GraphModule):
         self.training = training
         self.exit_heads.train(training)
 
+    @property
+    def exit_spec(self) -> ExitSpec:
+        """The spec, exits in graph order; assign a new one to change thresholds, weights or criteria."""
+        return self.__dict__["_exit_spec"]
+
+    @exit_spec.setter
+    def exit_spec(self, spec: ExitSpec) -> None:
+        built = self.__dict__.get("_exit_spec")
+        self.__dict__["_exit_spec"] = spec if built is None else ExitSpec.check_replaces(spec, built)
+
     def train(self, mode: bool = True) -> ExitModule:
         if self._graphs[mode] is not self.graph:
             self.graph = self._graphs[mode]

@@ -83,7 +83,7 @@ class Traced:
             return by_fx_name[name]
         mode = "train" if training else "eval"
         valid = self.valid_names(training)
-        close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(name, [v for v in valid if v != name], n=5, cutoff=0.5)
         hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
         if name in self.module_paths or name in self.valid_names(not training):
             raise BranchifyError(

@@ -38,7 +38,7 @@ from typing import Any, TextIO
 import pydantic
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import save
 from .cost import ExitCosts, exit_costs

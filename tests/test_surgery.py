@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 import branchify as bx
+import branchify.criteria
 import branchify.heads
 
 
@@ -342,3 +343,49 @@ def test_head_with_batch_norm_after_pooling_builds_and_keeps_train_mode():
     module = bx.attach_exits(resnet18(num_classes=3).train(), spec, X32)
     assert module.exit_heads[0].training and module.exit_heads[0][1].training
     assert module(torch.randn(4, 3, 32, 32))[0].shape == (4, 3)
+
+
+def test_exit_spec_can_take_new_thresholds_but_not_new_layers():
+    # Regression: assigning a spec for other layers made the runner return an activation as logits.
+    module = bx.attach_exits(resnet18(num_classes=4), bx.ExitSpec(exits=[{"layer": "layer1"}, {"layer": "layer2"}]),
+                             X32)
+    module.exit_spec = module.exit_spec.with_exits(threshold=[0.5, 0.7])
+    assert module.exit_spec.thresholds == [0.5, 0.7]
+    with pytest.raises(bx.SpecError, match=r"built with exits at \['layer1', 'layer2'\].*not the layers or heads"):
+        module.exit_spec = bx.ExitSpec(exits=[{"layer": "layer3", "threshold": 0.5}])
+    with pytest.raises(bx.SpecError, match="not the layers or heads"):
+        module.exit_spec = module.exit_spec.with_exits(head=[bx.HeadSpec(kind="mlp"), bx.HeadSpec()])
+    assert module.exit_spec.layers == ["layer1", "layer2"]
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        if x.mean() > -1e9:  # untraceable: the hook fallback
+            x = self.block(x)  # the same block runs twice
+        return self.fc(x.mean((2, 3)))
+
+
+def test_hook_fallback_judges_a_twice_called_layer_at_its_first_call_everywhere():
+    # Regression: the forward used the last call, the runner the first, so their decisions differed.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = bx.attach_exits(Twice().eval(), bx.ExitSpec(exits=[{"layer": "block"}]), X32).eval()
+    x = torch.randn(6, 3, 32, 32)
+    first = {}
+    handle = module.model.block.register_forward_hook(lambda m, a, out: first.setdefault("x", out))
+    outputs = module(x)
+    handle.remove()
+    assert torch.allclose(outputs[0], module.exit_heads[0](first["x"]))
+    scores = bx.criteria.get_criterion("entropy").score(outputs[0])
+    threshold = float(scores.median())
+    module.exit_spec = module.exit_spec.with_exits(threshold=[threshold])
+    expected = bx.criteria.route(module.exit_spec, list(module(x)[:-1]))
+    assert 0 < int((expected == 0).sum()) < 6
+    assert torch.equal(bx.ExitRunner(module)(x).exit_index, expected)
