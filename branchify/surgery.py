@@ -38,6 +38,8 @@ class ExitModule(fx.GraphModule):
     """
 
     exit_path = "fx"
+    # plain Python state: TorchScript must not compile it (extends GraphModule's own list)
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "exit_spec"]
 
     def __init__(self, root: Mapping[str, object], graphs: dict[bool, fx.Graph], *, exit_spec: ExitSpec,
                  exit_points: list[ExitPointInfo], num_classes: int, training: bool = False) -> None:
