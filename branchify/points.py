@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -11,7 +12,7 @@ from .layout import Layout, layout_from_shape, propagate_channel_dims
 from .propagate import NodeFacts, propagate
 from .trace import QUALNAME, Traced, ancestors, as_tuple, depends_on_input, final_output_nodes, trace_model
 
-__all__ = ["ExitPointInfo", "list_exit_points"]
+__all__ = ["ExitPointInfo", "ExitPoints", "list_exit_points"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,26 @@ class ExitPointInfo:
         layout = self.layout.value if self.layout else "?"
         shape = "x".join(map(str, self.shape))
         return f"{self.name:<32} {shape:<14} {layout:<5} {self.macs / 1e6:10.2f} MMACs {self.macs_fraction:7.1%}"
+
+
+class ExitPoints(list):
+    """The list ``list_exit_points`` returns; it prints (and renders in notebooks) as a table."""
+
+    _HEADER = ("name", "shape", "layout", "MMACs", "of model")
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        return [(p.name, "x".join(map(str, p.shape)), p.layout.value if p.layout else "?",
+                 f"{p.macs / 1e6:.2f}", f"{p.macs_fraction:.1%}") for p in self]
+
+    def __repr__(self) -> str:
+        rows = [self._HEADER, *self._rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADER))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{h}</th>" for h in self._HEADER)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self._rows())
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 class Analysis:
@@ -121,7 +142,7 @@ def block_paths(model: nn.Module) -> list[str]:
     return paths
 
 
-def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = False) -> list[ExitPointInfo]:
+def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = False) -> ExitPoints:
     """The points of ``model`` where an exit can attach, in graph order.
 
     By default the block boundaries (the model's children and grandchildren, and the members of
@@ -153,4 +174,4 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
             continue
         seen.add(node.name)
         found.append((analysis.order[node.name], analysis.info(name, node)))
-    return [info for _, info in sorted(found, key=lambda pair: pair[0])]
+    return ExitPoints(info for _, info in sorted(found, key=lambda pair: pair[0]))
