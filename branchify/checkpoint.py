@@ -85,7 +85,7 @@ def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool =
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = save_bytes(tensors, metadata=metadata)
+    data = _canonical(save_bytes(tensors, metadata=metadata))
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -98,6 +98,21 @@ def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool =
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _canonical(data: bytes) -> bytes:
+    """``data`` with its header's metadata in sorted key order.
+
+    safetensors writes the metadata from a hash map whose order changes from one save to the next;
+    sorting it makes equal weights and specs give byte-identical files (reproducible runs, content hashes).
+    The tensor entries and the data after the header are kept as they are (offsets are relative to them).
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header with spaces to an 8-byte boundary
+    return len(raw).to_bytes(8, "little") + raw + data[8 + length:]
 
 
 def _umask() -> int:

@@ -177,3 +177,15 @@ def test_saved_file_gets_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_same_weights_give_the_same_bytes(tmp_path):
+    # Regression: safetensors writes its header metadata from a hash map, in an order that changed from one
+    # save to the next, so a deterministic run (make demo) wrote a different file every time.
+    _, module = trained_module()
+    files = {bx.save(module, tmp_path / f"m{i}.safetensors").read_bytes() for i in range(6)}
+    assert len(files) == 1
+    data = files.pop()
+    n = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + n])["__metadata__"]
+    assert list(metadata) == sorted(metadata)
