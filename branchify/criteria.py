@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BranchifyError
+from .rows import by_rows
 
 __all__ = ["Criterion", "exit_mask", "get_criterion", "register_criterion", "registered_criteria", "route"]
 
@@ -33,16 +34,20 @@ class Criterion:
 
     def score(self, logits: torch.Tensor, target: torch.Tensor | None = None,
               temperature: float = 1.0) -> torch.Tensor:
-        """Per-sample scores of ``logits`` (after dividing by ``temperature``)."""
-        if temperature != 1.0:
-            logits = logits / temperature
-        if self.needs_labels:
-            if target is None:
-                raise BranchifyError(
-                    f"criterion {self.name!r} reads the labels, but no target was given; pass the "
-                    "target, or use a label-free criterion such as 'entropy' or 'confidence'")
-            return self.score_fn(logits, target)
-        return self.score_fn(logits)
+        """Per-sample scores of ``logits`` (after dividing by ``temperature``).
+
+        Large CPU batches are scored a block of rows at a time (``branchify.rows``), so score
+        functions must be per-sample: a row's score may depend on that row alone.
+        """
+        if self.needs_labels and target is None:
+            raise BranchifyError(
+                f"criterion {self.name!r} reads the labels, but no target was given; pass the "
+                "target, or use a label-free criterion such as 'entropy' or 'confidence'")
+
+        def scores(z: torch.Tensor, *label: torch.Tensor) -> torch.Tensor:
+            return self.score_fn(z if temperature == 1.0 else z / temperature, *label)
+
+        return by_rows(scores, logits, target) if self.needs_labels else by_rows(scores, logits)
 
     def fires(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
         """Boolean mask of samples that leave; NaN scores never leave."""

@@ -27,6 +27,7 @@ from .cost import ExitCosts
 from .criteria import get_criterion, route
 from .errors import BranchifyError
 from .outputs import split_outputs
+from .rows import by_rows
 from .spec import ExitSpec
 
 __all__ = ["ExitRow", "ExitStats", "ExitStatsSummary"]
@@ -260,15 +261,15 @@ class ExitStats:
         if invalid is not None:
             self._invalid += invalid
         maxk = self._table.shape[1] - 1
-        ranks = None if safe is None else torch.stack([_label_rank(z, safe, maxk) for z in logits])
         if self.mode == "routed":
             taken = route(self.spec, exits, safe)
-            rank = torch.full_like(taken, maxk) if ranks is None else ranks.gather(0, taken[None]).squeeze(0)
+            rank = torch.full_like(taken, maxk) if safe is None else _taken_ranks(logits, taken, safe, maxk)
             cells = taken * (maxk + 1) + rank
         else:
+            ranks = torch.stack([_label_rank(z, safe, maxk) for z in logits])
             offsets = torch.arange(k + 1, device=device)[:, None] * (maxk + 1)
             cells = (offsets + ranks).flatten()
-            self._loss += torch.stack([F.cross_entropy(z.float(), safe, reduction="sum") for z in logits]).double()
+            self._loss += torch.stack([by_rows(_sample_losses, z, safe).sum(dtype=torch.float64) for z in logits])
         # index_add_ rather than bincount, which reads the largest index back to the host on CUDA
         self._table.view(-1).index_add_(0, cells, torch.ones_like(cells))
 
@@ -376,6 +377,30 @@ class ExitStats:
         text = "\n".join(self.summary().lines())
         print(text, file=file if file is not None else sys.stdout)
         return text
+
+
+def _sample_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+def _compacts(device: torch.device) -> bool:
+    """Whether to gather each exit's own samples before ranking them: on the CPU reading the counts costs
+    nothing; on an accelerator it would wait for the device, so there every exit ranks every sample."""
+    return device.type == "cpu"
+
+
+def _taken_ranks(logits: Sequence[torch.Tensor], taken: torch.Tensor, target: torch.Tensor,
+                 maxk: int) -> torch.Tensor:
+    """Per sample, the label's rank (as ``_label_rank``) in the logits of the exit the sample took."""
+    if not _compacts(taken.device):
+        ranks = torch.stack([_label_rank(z, target, maxk) for z in logits])
+        return ranks.gather(0, taken[None]).squeeze(0)
+    rank = torch.empty_like(taken)
+    for i, z in enumerate(logits):
+        rows = (taken == i).nonzero().squeeze(1)
+        if len(rows):
+            rank[rows] = _label_rank(z.index_select(0, rows), target[rows], maxk)
+    return rank
 
 
 def _label_rank(logits: torch.Tensor, target: torch.Tensor, maxk: int) -> torch.Tensor:

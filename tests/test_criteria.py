@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import branchify as bx
-from branchify import criteria
+from branchify import criteria, rows
 from branchify.criteria import exit_mask, get_criterion, route
 
 
@@ -141,3 +141,35 @@ def test_route_rejects_a_wrong_number_of_exits_and_missing_thresholds():
         route(spec, [torch.zeros(2, 3), torch.zeros(2, 3)])
     with pytest.raises(bx.BranchifyError, match="no thresholds"):
         route(bx.ExitSpec(exits=[bx.ExitPoint(layer="a")]), [torch.zeros(2, 3)])
+
+
+@pytest.mark.parametrize("name", ["entropy", "confidence", "margin", "distiller"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_large_cpu_batches_are_scored_in_blocks_with_the_same_scores(name, temperature, monkeypatch):
+    torch.manual_seed(0)
+    logits, target = torch.randn(50, 7) * 3, torch.randint(0, 7, (50,))
+    crit = get_criterion(name)
+    whole = crit.score(logits, target, temperature=temperature)
+    monkeypatch.setattr(rows, "BLOCK_ELEMENTS", 21)  # blocks of 3 rows, the last one of 2
+    seen = []
+    counted = criteria.Criterion(name, lambda z, *y: seen.append(len(z)) or crit.score_fn(z, *y), crit.exits_when,
+                                 crit.needs_labels)
+    blocks = counted.score(logits, target, temperature=temperature)
+    assert seen == [3] * 16 + [2]
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_by_rows_splits_every_input_alike_and_leaves_small_or_empty_batches_whole(monkeypatch):
+    monkeypatch.setattr(rows, "BLOCK_ELEMENTS", 8)
+    z, y = torch.arange(20.0).reshape(10, 2), torch.arange(10)
+    calls = []
+
+    def fn(a, b):
+        calls.append(len(a))
+        return a[:, 0] * 100 + b
+
+    assert torch.equal(rows.by_rows(fn, z, y), z[:, 0] * 100 + y) and calls == [4, 4, 2]
+    calls.clear()
+    assert rows.by_rows(fn, z[:3], y[:3]).shape == (3,) and calls == [3]
+    calls.clear()
+    assert rows.by_rows(fn, z[:0], y[:0]).shape == (0,) and calls == [0]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import branchify as bx
+from branchify import rows
 
 # --- an independent oracle: Distiller's validation loop, one sample at a time (REFERENCE.md section 1) ---
 
@@ -97,6 +98,17 @@ def _spec(thresholds, criterion="entropy"):
                        criterion=criterion)
 
 
+@pytest.fixture(params=["whole batches", "blocks of 3 rows", "blocks, ranks on every sample"])
+def processing(request, monkeypatch):
+    """The oracle tests' batches are small, so they are also run scored in blocks of rows (as large CPU
+    batches are) and with the accelerators' way of ranking (every exit ranks every sample)."""
+    if request.param != "whole batches":
+        monkeypatch.setattr(rows, "BLOCK_ELEMENTS", 30)  # 3 rows of 10 classes
+    if request.param == "blocks, ranks on every sample":
+        monkeypatch.setattr(bx.stats, "_compacts", lambda device: False)
+    return request.param
+
+
 def _run(stats, batches):
     for outputs, target in batches:
         stats.update(outputs, target)
@@ -107,7 +119,7 @@ def _run(stats, batches):
 
 
 @pytest.mark.parametrize("classes", [10, 3])
-def test_the_distiller_criterion_matches_distillers_loop_exactly(classes, capsys):
+def test_the_distiller_criterion_matches_distillers_loop_exactly(classes, capsys, processing):
     thresholds = [1.5, 0.0, 2.5] if classes == 10 else [0.4, 0.0, 0.8]  # exit 1 is never taken
     batches = random_batches(3, classes)
     lines, taken, accuracy, totals, closest = oracle(batches, [below(cross_entropy, t) for t in thresholds])
@@ -133,7 +145,7 @@ def test_the_distiller_criterion_matches_distillers_loop_exactly(classes, capsys
     ("entropy", entropy, below, [0.3, 0.9]),
     ("confidence", confidence, above, [0.95, 0.8]),
 ])
-def test_label_free_criteria_match_a_per_sample_reference(criterion, score_fn, rule, thresholds):
+def test_label_free_criteria_match_a_per_sample_reference(criterion, score_fn, rule, thresholds, processing):
     batches = random_batches(2, 10)
     lines, taken, *_, closest = oracle(batches, [rule(score_fn, t) for t in thresholds])
     assert closest > 1e-5 and all(taken)
@@ -142,7 +154,7 @@ def test_label_free_criteria_match_a_per_sample_reference(criterion, score_fn, r
     assert stats.summary().lines() == lines
 
 
-def test_per_exit_temperature_and_criterion_are_used_for_routing():
+def test_per_exit_temperature_and_criterion_are_used_for_routing(processing):
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5, temperature=4.0),
                               bx.ExitPoint(layer="b", threshold=0.9, criterion="confidence")])
     batches = random_batches(2, 10)
@@ -160,7 +172,7 @@ def test_a_sample_with_nan_logits_never_leaves_early():
     assert stats.summary().exits[1].accuracy["top1"] == 100.0
 
 
-def test_routed_statistics_without_labels_give_counts_only(capsys):
+def test_routed_statistics_without_labels_give_counts_only(capsys, processing):
     stats = bx.ExitStats(_spec([0.3, 0.9]))
     batches = random_batches(2, 10)
     for outputs, _ in batches:
@@ -176,7 +188,7 @@ def test_routed_statistics_without_labels_give_counts_only(capsys):
 # --- forced statistics ---
 
 
-def test_forced_statistics_judge_every_exit_on_every_sample():
+def test_forced_statistics_judge_every_exit_on_every_sample(processing):
     batches = random_batches(2, 10)
     stats = _run(bx.ExitStats(_spec([0.3, 0.9]), mode="forced"), batches)
     summary = stats.summary()
