@@ -10,6 +10,7 @@ update <= 10 softmaxes.
 
     python benchmarks/stats.py              # 100k samples, 5 repeats
     python benchmarks/stats.py --quick      # 10k samples, 3 repeats
+    python benchmarks/stats.py --threads 1  # one torch thread
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10k samples, 3 repeats")
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
     samples, repeats = (10_000, 3) if args.quick else (args.samples, args.repeats)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     outputs, target = make_outputs(samples)
     spec = spec_for(outputs)

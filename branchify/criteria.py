@@ -62,7 +62,10 @@ class Criterion:
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    probs = logp.exp()
+    # in place unless autograd needs exp's output: one temporary fewer keeps a block of rows in the cache
+    terms = probs * logp if probs.requires_grad else probs.mul_(logp)
+    return -terms.sum(dim=-1)
 
 
 def _confidence(logits: torch.Tensor) -> torch.Tensor:

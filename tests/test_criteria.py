@@ -173,3 +173,12 @@ def test_by_rows_splits_every_input_alike_and_leaves_small_or_empty_batches_whol
     assert rows.by_rows(fn, z[:3], y[:3]).shape == (3,) and calls == [3]
     calls.clear()
     assert rows.by_rows(fn, z[:0], y[:0]).shape == (0,) and calls == [0]
+
+
+def test_entropy_has_the_right_gradient():
+    # the entropy writes in place when nothing needs its gradient; with autograd on it must not
+    logits = (torch.randn(6, 5) * 2).requires_grad_()
+    (grad,) = torch.autograd.grad(get_criterion("entropy").score(logits).sum(), logits)
+    p = torch.softmax(logits.detach(), dim=-1)
+    entropy = -(p * p.log()).sum(-1, keepdim=True)
+    torch.testing.assert_close(grad, -p * (p.log() + entropy))
