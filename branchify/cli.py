@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,15 +39,14 @@ from .train import (
     SUMMARY,
     check_arch,
     default_input_size,
-    error_line,
     evaluate,
     fraction,
     limit_batches,
     non_negative_int,
-    one_line_warnings,
     positive_float,
     positive_int,
     resolve_device,
+    run_command,
     usable_cores,
 )
 
@@ -320,14 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     User errors print one line on stderr and return 2, as argparse does for bad flags.
     """
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        one_line_warnings(PROG)
-        try:
-            _COMMANDS[args.command](args)
-        except (BranchifyError, pydantic.ValidationError) as err:
-            print(f"{PROG} {args.command}: error: {error_line(err)}", file=sys.stderr)
-            return 2
-    return 0
+    return run_command(PROG, f"{PROG} {args.command}", lambda: _COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from .heads import build_head
 from .layout import Layout, layout_from_shape, module_channel_dim
 from .points import ExitPointInfo
 from .propagate import describe_inputs
-from .spec import ExitSpec
+from .spec import ExitSpec, spec_attribute
 from .trace import restore_modes
 
 __all__ = ["HookExitModule", "attach_exits_with_hooks"]
@@ -54,15 +54,7 @@ class HookExitModule(nn.Module):
         self.training = model.training
         self.exit_heads.train(model.training)
 
-    @property
-    def exit_spec(self) -> ExitSpec:
-        """The spec, exits in execution order; assign a new one to change thresholds, weights or criteria."""
-        return self.__dict__["_exit_spec"]
-
-    @exit_spec.setter
-    def exit_spec(self, spec: ExitSpec) -> None:
-        built = self.__dict__.get("_exit_spec")
-        self.__dict__["_exit_spec"] = spec if built is None else ExitSpec.check_replaces(spec, built)
+    exit_spec = spec_attribute("execution order")
 
     def run_with_hooks(self, hook, *args, **kwargs):
         """Run the model with ``hook(index, output)`` called after each exit layer."""

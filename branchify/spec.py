@@ -288,3 +288,18 @@ class ExitSpec(_SpecModel):
             for i, layer in enumerate(layers)
         ]
         return cls(exits=points, criterion=criterion)
+
+
+def spec_attribute(order: str) -> property:
+    """A module's ``exit_spec``: set once when the module is built, then only to a spec that
+    ``check_replaces`` the built one. ``order`` says how its exits are ordered, for the docs."""
+
+    def get(module) -> ExitSpec:
+        return module.__dict__["_exit_spec"]
+
+    def set_(module, spec: ExitSpec) -> None:
+        built = module.__dict__.get("_exit_spec")
+        module.__dict__["_exit_spec"] = spec if built is None else ExitSpec.check_replaces(spec, built)
+
+    return property(get, set_, doc=f"The spec, exits in {order}; assign a new one to change thresholds, "
+                                   "weights or criteria.")

@@ -20,7 +20,7 @@ from .errors import BranchifyError
 from .heads import build_head
 from .layout import Layout
 from .points import Analysis, ExitPointInfo
-from .spec import ExitSpec
+from .spec import ExitSpec, spec_attribute
 from .trace import QUALNAME, ancestors, as_tuple, final_output_nodes, trace_model
 
 __all__ = ["ExitModule", "attach_exits"]
@@ -58,15 +58,7 @@ class ExitModule(fx.GraphModule):
         self.training = training
         self.exit_heads.train(training)
 
-    @property
-    def exit_spec(self) -> ExitSpec:
-        """The spec, exits in graph order; assign a new one to change thresholds, weights or criteria."""
-        return self.__dict__["_exit_spec"]
-
-    @exit_spec.setter
-    def exit_spec(self, spec: ExitSpec) -> None:
-        built = self.__dict__.get("_exit_spec")
-        self.__dict__["_exit_spec"] = spec if built is None else ExitSpec.check_replaces(spec, built)
+    exit_spec = spec_attribute("graph order")
 
     def train(self, mode: bool = True) -> ExitModule:
         if self._graphs[mode] is not self.graph:

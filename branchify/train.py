@@ -30,7 +30,7 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -61,6 +61,7 @@ __all__ = [
     "main",
     "parse_args",
     "resolve_device",
+    "run_command",
     "train_epoch",
 ]
 
@@ -161,48 +162,29 @@ def check_arch(arch: str) -> None:
         get_model(arch)  # raises the error with the close names
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _argument_type(name: str, convert: type, accepts: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert`` the text, then require ``accepts(value)``, else say ``rule``."""
+    kind = "an integer" if convert is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"{value} {rule}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = f"argparse type: {kind}, which {rule}."
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0 and < 1")
-    return value
+positive_int = _argument_type("positive_int", int, lambda v: v >= 1, "must be at least 1")
+non_negative_int = _argument_type("non_negative_int", int, lambda v: v >= 0, "must be 0 or more")
+positive_float = _argument_type("positive_float", float, lambda v: math.isfinite(v) and v > 0,
+                                "must be a positive number")
+fraction = _argument_type("fraction", float, lambda v: 0 <= v < 1, "must be >= 0 and < 1")
 
 
 def one_line_warnings(prog: str, stream: TextIO | None = None) -> None:
@@ -587,12 +569,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     User errors print one line on stderr and return 2, as argparse does for bad flags.
     """
     args = parse_args(argv)
+    return run_command(PROG, PROG, lambda: run(args))
+
+
+def run_command(prog: str, where: str, command: Callable[[], object]) -> int:
+    """Run ``command()`` for program ``prog`` with one-line warnings; return its exit status.
+
+    A user error (``BranchifyError``, pydantic's ``ValidationError``) prints ``where: error: ...``
+    on one line of stderr and gives 2, as argparse does for bad flags; success gives 0.
+    """
     with warnings.catch_warnings():
-        one_line_warnings(PROG)
+        one_line_warnings(prog)
         try:
-            run(args)
+            command()
         except (BranchifyError, pydantic.ValidationError) as err:
-            print(f"{PROG}: error: {error_line(err)}", file=sys.stderr)
+            print(f"{where}: error: {error_line(err)}", file=sys.stderr)
             return 2
     return 0
 
