@@ -1,8 +1,9 @@
-"""The multi-output module trains under DistributedDataParallel exactly as in one process.
+"""The multi-output module trains under DistributedDataParallel and FSDP2 exactly as in one process.
 
 Two processes (gloo, CPU) train the same small model with two exits for a few steps on halves of
-each global batch; their parameters must be bit-identical to each other and match a single-process
-run over the whole global batch.
+each global batch. Under DDP their parameters must be bit-identical to each other; under FSDP the
+gathered full state dict is saved with ``bx.save``. Both must match a single-process run over the
+whole global batch.
 
 The model has no BatchNorm on purpose. Under DDP a plain BatchNorm normalises each rank's half
 batch with that half's mean and variance, so its forward (and hence every gradient) differs from a
@@ -61,8 +62,13 @@ class ResidualNet(nn.Module):
 SPEC = bx.ExitSpec(exits=[bx.ExitPoint(layer="stem", weight=0.3), bx.ExitPoint(layer="block", weight=0.2)])
 
 
-def build() -> bx.ExitModule:
-    return bx.attach_exits(ResidualNet(), SPEC, torch.zeros(1, *X_SHAPE)).train()
+def build(**attach_kwargs) -> bx.ExitModule:
+    return bx.attach_exits(ResidualNet(), SPEC, torch.zeros(1, *X_SHAPE), **attach_kwargs).train()
+
+
+# FSDP needs wrap units that the graph calls; tracing the residual block as a leaf keeps it one
+# (docs/distributed.md).
+FSDP_ATTACH = {"leaf_modules": [nn.Sequential]}
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,24 +88,49 @@ def train(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.step()
 
 
-def worker(rank: int, port: int, directory: str) -> None:
+def worker(rank: int, port: int, directory: str, kind: str) -> None:
     torch.set_num_threads(1)  # two workers on two shared cores
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        module = build()
-        module.load_state_dict(load_file(os.path.join(directory, "initial.safetensors")))
-        # find_unused_parameters stays False: every parameter reaches the loss through some exit, and
-        # DDP would raise at the second step if one did not.
-        ddp = DistributedDataParallel(module)
         x, y = data()
         half = GLOBAL_BATCH // WORLD
-        train(ddp, x[:, rank * half:(rank + 1) * half], y[:, rank * half:(rank + 1) * half])
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()},
-                  os.path.join(directory, f"rank{rank}.safetensors"))
+        x, y = x[:, rank * half:(rank + 1) * half], y[:, rank * half:(rank + 1) * half]
+        initial = load_file(os.path.join(directory, "initial.safetensors"))
+        (ddp_worker if kind == "ddp" else fsdp_worker)(rank, initial, x, y, directory)
     finally:
         dist.destroy_process_group()
+
+
+def ddp_worker(rank: int, initial: dict, x: torch.Tensor, y: torch.Tensor, directory: str) -> None:
+    module = build()
+    module.load_state_dict(initial)
+    # find_unused_parameters stays False: every parameter reaches the loss through some exit, and
+    # DDP would raise at the second step if one did not.
+    train(DistributedDataParallel(module), x, y)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+              os.path.join(directory, f"rank{rank}.safetensors"))
+
+
+def fsdp_worker(rank: int, initial: dict, x: torch.Tensor, y: torch.Tensor, directory: str) -> None:
+    """FSDP2 as docs/distributed.md shows it: block, heads and root as units, then a full state dict saved by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    module = build(**FSDP_ATTACH)
+    module.load_state_dict(initial)
+    fully_shard(module.block)
+    for head in module.exit_heads:
+        fully_shard(head)
+    fully_shard(module)
+    train(module, x, y)
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        plain = build(**FSDP_ATTACH)
+        plain.load_state_dict(full)
+        bx.save(plain, os.path.join(directory, "fsdp.safetensors"))
+    dist.barrier()
 
 
 def free_port() -> int:
@@ -108,14 +139,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_workers(directory: Path) -> None:
-    context = mp.start_processes(worker, args=(free_port(), str(directory)), nprocs=WORLD, join=False,
+def run_workers(directory: Path, kind: str) -> None:
+    context = mp.start_processes(worker, args=(free_port(), str(directory), kind), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT
     try:
         while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
             if time.monotonic() > deadline:
-                pytest.fail(f"the DDP workers did not finish within {JOIN_TIMEOUT:.0f} s")
+                pytest.fail(f"the {kind.upper()} workers did not finish within {JOIN_TIMEOUT:.0f} s")
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -130,7 +161,7 @@ def test_ddp_training_matches_a_single_process_over_the_global_batch(tmp_path):
     start = {k: v.detach().clone() for k, v in initial.state_dict().items()}
     save_file(start, str(tmp_path / "initial.safetensors"))
 
-    run_workers(tmp_path)
+    run_workers(tmp_path, "ddp")
 
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     assert ranks[0].keys() == start.keys()
@@ -148,6 +179,29 @@ def test_ddp_training_matches_a_single_process_over_the_global_batch(tmp_path):
         # sum in different orders, so float32 rounding differs (measured: at most 1.5e-8 absolute after
         # 3 steps, while every tensor moves by more than 2e-3); the tolerance sits well between the two.
         torch.testing.assert_close(ranks[0][name], single[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_fsdp_training_matches_a_single_process_and_saves_a_loadable_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    initial = build(**FSDP_ATTACH)
+    assert "block" in dict(initial.named_children())  # traced as a leaf, so FSDP can wrap it
+    start = {k: v.detach().clone() for k, v in initial.state_dict().items()}
+    save_file(start, str(tmp_path / "initial.safetensors"))
+
+    run_workers(tmp_path, "fsdp")
+
+    # Loaded as any checkpoint is: from the unmodified model, with no process group.
+    loaded = bx.load(tmp_path / "fsdp.safetensors", ResidualNet(), torch.zeros(1, *X_SHAPE), **FSDP_ATTACH)
+    sharded = loaded.state_dict()
+    x, y = data()
+    train(initial, x, y)
+    single = initial.state_dict()
+    assert sharded.keys() == start.keys()
+    for name in start:
+        moved = (single[name] - start[name]).abs().max()
+        assert moved > 100 * ATOL, f"{name} barely trained, so the comparison would prove nothing"
+        # FSDP reduce-scatters the mean of the two half-batch gradients, as DDP all-reduces it.
+        torch.testing.assert_close(sharded[name], single[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
 def test_the_torchrun_example_trains_and_saves_a_loadable_checkpoint(tmp_path):
