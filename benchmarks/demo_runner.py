@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchvision
 
 import branchify as bx
 from branchify.data import make_loaders
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from branchify.demo import seconds
 
 
 def main() -> None:

@@ -77,14 +77,10 @@ def routed_report(module: torch.nn.Module, loader, costs: bx.ExitCosts) -> bx.Ex
     return stats.summary()
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and lazy initialisation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def measure(model: torch.nn.Module, runner: bx.ExitRunner, batches: list[torch.Tensor], repeats: int):
@@ -98,10 +94,11 @@ def measure(model: torch.nn.Module, runner: bx.ExitRunner, batches: list[torch.T
     def routed():
         return [runner(x) for x in batches]
 
+    original(), routed()  # warm-up: first-call allocations and lazy initialisation
     t_original, t_runner = [], []
     for _ in range(repeats):  # interleaved so that machine noise hits both alike
-        t_original.append(median_seconds(original, 1))
-        t_runner.append(median_seconds(routed, 1))
+        t_original.append(seconds(original))
+        t_runner.append(seconds(routed))
     return statistics.median(t_original), statistics.median(t_runner)
 
 

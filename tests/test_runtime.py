@@ -160,17 +160,24 @@ class OpLog(TorchDispatchMode):
         return sum(name in ("item", "_local_scalar_dense") for name, _ in self.ops)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_mixed_routing_matches_the_multi_output_module(name):
-    module = built(name)
-    x = batch(name)
-    spec = with_mix(module, x)
+def run_and_route(module: bx.ExitModule, spec: bx.ExitSpec, x: torch.Tensor):
+    """The runner on ``x``, its result, the module's outputs and ``route``'s decisions on them, which the
+    runner's must equal."""
     runner = bx.ExitRunner(module)
     result = runner(x)
     with torch.no_grad():
         outputs = module(x)
     decisions = route(spec, outputs[:-1])
     assert torch.equal(result.exit_index, decisions)
+    return runner, result, outputs, decisions
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mixed_routing_matches_the_multi_output_module(name):
+    module = built(name)
+    x = batch(name)
+    spec = with_mix(module, x)
+    runner, result, outputs, decisions = run_and_route(module, spec, x)
     assert set(result.exit_index.tolist()) == set(range(len(spec.exits) + 1)), "every exit should take samples"
     torch.testing.assert_close(result.logits, expected(outputs, decisions), rtol=1e-4, atol=1e-5)
     assert torch.equal(result.logits, oracle(runner, x, result.exit_index))
@@ -191,14 +198,9 @@ def test_mixed_routing_over_the_zoo(name):
     module = bx.attach_exits(model, spec, x[:1]).eval()
     spread_heads(module, x)
     spec = with_mix(module, x)
-    runner = bx.ExitRunner(module)
-    result = runner(x)
-    with torch.no_grad():
-        outputs = module(x)
-    decisions = route(spec, outputs[:-1])
     # No mix is asserted here: some random-weight models (efficientnet, googlenet) give every sample the
     # same scores at an exit. The mixes are asserted on the models above.
-    assert torch.equal(result.exit_index, decisions)
+    runner, result, outputs, decisions = run_and_route(module, spec, x)
     assert torch.equal(result.logits, oracle(runner, x, result.exit_index))
     # Random-weight resnet152 blows activations up to ~1e3, and sub-batch rounding with them: compare at the
     # scale of each sample's logits.
