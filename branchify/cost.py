@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import BranchifyError
+from .inputs import Inputs
 from .propagate import fake_mode, propagate
-from .trace import as_tuple, restore_modes
+from .trace import eval_mode
 
 __all__ = ["ExitCosts", "exit_costs"]
 
@@ -82,8 +83,8 @@ def exit_costs(module: nn.Module, example_inputs) -> ExitCosts:
     if heads_list is None or not hasattr(module, "exit_spec"):
         raise BranchifyError(
             f"exit_costs needs a module made by bx.attach_exits, got {type(module).__name__}")
-    inputs = as_tuple(example_inputs)
-    batch = int(inputs[0].shape[0]) if inputs and getattr(inputs[0], "ndim", 0) else 1
+    inputs = Inputs.of(example_inputs)
+    batch = inputs.check_batch("exit_costs")
     if getattr(module, "exit_path", "fx") == "hooks":
         return _hook_costs(module, inputs, batch)
     facts, _ = propagate(module, inputs)
@@ -98,18 +99,13 @@ def exit_costs(module: nn.Module, example_inputs) -> ExitCosts:
     return _costs(backbone, heads, running / batch)
 
 
-def _hook_costs(module: nn.Module, inputs: tuple, batch: int) -> ExitCosts:
+def _hook_costs(module: nn.Module, inputs: Inputs, batch: int) -> ExitCosts:
     seen: dict[int, tuple[float, tuple[int, ...]]] = {}
-    snapshot = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module.run_with_hooks(  # the first call of an exit layer counts, as in the forward
-                lambda i, out: seen.setdefault(i, (counter.get_total_flops() / 2, tuple(out.shape[1:]))),
-                *inputs)
-            total = counter.get_total_flops() / 2
-    finally:
-        restore_modes(snapshot)
+    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module.run_with_hooks(  # the first call of an exit layer counts, as in the forward
+            lambda i, out: seen.setdefault(i, (counter.get_total_flops() / 2, tuple(out.shape[1:]))),
+            *inputs.args, **inputs.kwargs)
+        total = counter.get_total_flops() / 2
     backbone = [seen[i][0] / batch for i in range(len(module.exit_heads))]
     heads = [_head_macs(h, seen[i][1]) for i, h in enumerate(module.exit_heads)]
     return _costs(backbone, heads, total / batch)

@@ -1,15 +1,21 @@
-"""Exits through forward hooks, for models that torch.fx cannot trace.
+"""Exits through forward hooks, for models that neither torch.fx nor torch.export can capture.
 
-Data-dependent Python control flow (``if x.sum() > 0:``) defeats tracing. Such a model still gets
-its exits: forward hooks on the named modules capture their outputs during the model's own
-forward, and the heads run on them. Hooks are registered for the duration of each forward only, so
-the model itself is left as it was. Shapes and MACs come from one real forward of the example
-inputs (fake tensors cannot follow data-dependent branches).
+Data-dependent Python control flow (``if x.sum() > 0:``) defeats both. Such a model still gets its
+exits: forward hooks on the named modules see their outputs during the model's own forward, and each
+head runs inside the hook, on the value as the layer returned it (a later in-place operation such as
+``ReLU(inplace=True)`` or ``out += identity`` cannot change what the head reads; with gradients on,
+the head reads a copy, so autograd never finds its input overwritten). Hooks are registered for the
+duration of each forward only, so the model itself is left as it was.
+
+Shapes, layouts and MACs come from one real forward of the example inputs, recorded as a graph
+(``branchify.record``) and read by the same layout analysis as the captured graphs.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -18,18 +24,77 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import BranchifyError
 from .heads import build_head
-from .layout import Layout, layout_from_shape, module_channel_dim
+from .inputs import Inputs
+from .layout import Layout, channel_dims, choose_layout, layout_of
+from .outputs import select_output
 from .points import ExitPointInfo
-from .propagate import describe_inputs
+from .record import Recording
 from .spec import ExitSpec, spec_attribute
 from .trace import restore_modes
 
-__all__ = ["HookExitModule", "attach_exits_with_hooks"]
+__all__ = ["HookExitModule", "attach_exits_with_hooks", "hook_points"]
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """What the recorded forward showed of one module's first output."""
+
+    path: str
+    shape: tuple[int, ...]  # batched
+    dtype: torch.dtype
+    device: torch.device
+    layout: Layout | None
+    macs: float  # cumulative, whole batch
+    order: int
 
 
 def _call_ignoring_result(hook, index: int, _module: nn.Module, _args, output) -> None:
     # A forward hook that returns a value replaces the module's output; callbacks must never do that.
     hook(index, output)
+
+
+def hook_points(model: nn.Module, inputs: Inputs, paths: list[str], output=None
+                ) -> tuple[dict[str, HookPoint], torch.Tensor, float]:
+    """Run ``model`` once on ``inputs`` (eval mode, no grad), recording; facts for each of ``paths`` that
+    returned a tensor, at its first call; the selected final output; the total MACs."""
+    modules = dict(model.named_modules())
+    inputs = Inputs.of(inputs)
+    recording = Recording()
+    for i, tensor in enumerate(inputs.tensors):
+        recording.input(f"input_{i}", tensor)
+    seen: dict[str, tuple] = {}
+    snapshot = [(m, m.training) for m in model.modules()]
+    model.eval()
+    handles = []
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            for path in paths:
+                def hook(_m, _a, out, path=path):
+                    if path not in seen and isinstance(out, torch.Tensor):  # the first call counts
+                        seen[path] = (out, recording.node_of(out), counter.get_total_flops() / 2, len(seen))
+                handles.append(modules[path].register_forward_hook(hook))
+            try:
+                with recording:
+                    result = inputs.call(model)
+            except BranchifyError:
+                raise
+            except Exception as err:
+                text = str(err).strip().splitlines()
+                raise BranchifyError(
+                    f"the model rejects example_inputs ({inputs.describe()}): "
+                    f"{text[0] if text else type(err).__name__}") from None
+            total = counter.get_total_flops() / 2
+    finally:
+        for handle in handles:
+            handle.remove()
+        restore_modes(snapshot)
+    cdims = channel_dims(recording.graph, recording.shapes)
+    points = {}
+    for path, (out, node, macs, order) in seen.items():
+        layout = layout_of(out.shape, None if node is None else cdims.get(node.name))
+        points[path] = HookPoint(path, tuple(out.shape), out.dtype, out.device, layout, macs, order)
+    final, _ = select_output(result, output)
+    return points, final, total
 
 
 class HookExitModule(nn.Module):
@@ -43,13 +108,14 @@ class HookExitModule(nn.Module):
     exit_path = "hooks"
 
     def __init__(self, model: nn.Module, heads: list[nn.Module], *, exit_spec: ExitSpec,
-                 exit_points: list[ExitPointInfo], num_classes: int) -> None:
+                 exit_points: list[ExitPointInfo], num_classes: int, output=None) -> None:
         super().__init__()
         self.model = model
         self.exit_heads = nn.ModuleList(heads)
         self.exit_spec = exit_spec
         self.exit_points = exit_points
         self.num_classes = num_classes
+        self.output = output
         self.layer_paths = [p.layer for p in exit_spec.exits]
         self.training = model.training
         self.exit_heads.train(model.training)
@@ -57,88 +123,73 @@ class HookExitModule(nn.Module):
     exit_spec = spec_attribute("execution order")
 
     def run_with_hooks(self, hook, *args, **kwargs):
-        """Run the model with ``hook(index, output)`` called after each exit layer."""
+        """Run the model with ``hook(index, output)`` called after each exit layer; returns the logits."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
+            args, kwargs = (), dict(args[0])
         handles = []
         for index, path in enumerate(self.layer_paths):
             module = self.model.get_submodule(path)
             handles.append(module.register_forward_hook(partial(_call_ignoring_result, hook, index)))
         try:
-            return self.model(*args, **kwargs)
+            result = self.model(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+        return select_output(result, self.output)[0]
 
     def forward(self, *args, **kwargs):
-        captured: dict[int, torch.Tensor] = {}
-        final = self.run_with_hooks(captured.setdefault, *args, **kwargs)
-        missing = [self.layer_paths[i] for i in range(len(self.layer_paths)) if i not in captured]
+        logits: dict[int, torch.Tensor] = {}
+
+        def run_head(index: int, out: torch.Tensor) -> None:
+            if index not in logits:  # the layer's first call counts
+                # the head reads the value now; a copy when autograd will need it after later in-place ops
+                value = out.clone() if torch.is_grad_enabled() else out
+                logits[index] = self.exit_heads[index](value)
+
+        final = self.run_with_hooks(run_head, *args, **kwargs)
+        missing = [self.layer_paths[i] for i in range(len(self.layer_paths)) if i not in logits]
         if missing:
             raise BranchifyError(f"exit layers {missing} did not run in this forward, so their exits have no input")
-        return (*(head(captured[i]) for i, head in enumerate(self.exit_heads)), final)
+        return (*(logits[i] for i in range(len(self.exit_heads))), final)
 
 
-def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: tuple, *, reason: str) -> HookExitModule:
+def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: Inputs, *, reason: str,
+                            output=None) -> HookExitModule:
     modules = dict(model.named_modules())
     for index, point in enumerate(spec.exits):
         if point.layer not in modules or not point.layer:
             close = difflib.get_close_matches(point.layer, [m for m in modules if m], n=5, cutoff=0.5)
             hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
             raise BranchifyError(
-                f"exit {index} (layer {point.layer!r}): this model cannot be traced ({reason}), so exits must "
-                f"name modules, and there is no module {point.layer!r}.{hint} See [name for name, _ in "
+                f"exit {index} (layer {point.layer!r}): this model is not captured as a graph ({reason}), so exits "
+                f"must name modules, and there is no module {point.layer!r}.{hint} See [name for name, _ in "
                 "model.named_modules()]")
+    points_by_path, final, total = hook_points(model, Inputs.of(inputs), spec.layers, output)
+    if not isinstance(final, torch.Tensor) or final.ndim != 2:
+        shape = tuple(final.shape) if isinstance(final, torch.Tensor) else type(final).__name__
+        raise BranchifyError(f"the model's eval output is {shape}, but branchify needs (batch, num_classes) logits; "
+                             "pick them with output=...")
+    num_classes, batch = int(final.shape[1]), int(final.shape[0])
 
-    order: list[int] = []
-    seen: dict[int, tuple[torch.Tensor, float]] = {}
-    snapshot = [(m, m.training) for m in model.modules()]
-    model.eval()
-    handles = []
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            for index, point in enumerate(spec.exits):
-                def hook(_m, _a, out, index=index):
-                    if index not in seen:  # the first call counts, as in the forward and the runtime
-                        order.append(index)
-                        seen[index] = (out, counter.get_total_flops() / 2)
-                handles.append(modules[point.layer].register_forward_hook(hook))
-            try:
-                output = model(*inputs)
-            except Exception as err:
-                text = str(err).strip().splitlines()
-                raise BranchifyError(
-                    f"the model rejects example_inputs ({describe_inputs(inputs)}): "
-                    f"{text[0] if text else type(err).__name__}") from None
-            total = counter.get_total_flops() / 2
-    finally:
-        for handle in handles:
-            handle.remove()
-        restore_modes(snapshot)
-    if not isinstance(output, torch.Tensor) or output.ndim != 2:
-        raise BranchifyError("the model's eval output must be a (batch, num_classes) tensor")
-    num_classes = int(output.shape[1])
-    batch = int(output.shape[0])
-
+    for index, point in enumerate(spec.exits):
+        if point.layer not in points_by_path:
+            raise BranchifyError(f"exit {index} (layer {point.layer!r}): the module did not run in the eval forward "
+                                 "of example_inputs, or did not return a tensor")
+    order = sorted(range(len(spec.exits)), key=lambda i: points_by_path[spec.exits[i].layer].order)
     heads, points, ordered = [], [], []
-    for index in [i for i in order] + [i for i in range(len(spec.exits)) if i not in seen]:
+    for index in order:
         point = spec.exits[index]
         what = f"exit {index} (layer {point.layer!r})"
-        if index not in seen:
-            raise BranchifyError(f"{what}: the module did not run in the eval forward of example_inputs")
-        value, macs = seen[index]
-        if not isinstance(value, torch.Tensor) or value.ndim < 2:
-            raise BranchifyError(f"{what}: its output is not a per-sample tensor; pick a module that outputs one")
-        layout = point.head.layout
-        if layout is None:
-            cdim = module_channel_dim(modules[point.layer], value.ndim)
-            layout = (Layout.from_channel_dim(value.ndim, cdim) if cdim is not None
-                      else layout_from_shape(value.shape, tuple(inputs[0].shape[-2:]) if inputs[0].ndim == 4 else None))
-        if layout is None:
-            raise BranchifyError(
-                f"{what}: cannot tell the layout of shape {tuple(value.shape)}; declare HeadSpec(layout=...)")
-        heads.append(build_head(point.head, value.shape[1:], layout, num_classes, where=what,
-                                device=value.device, dtype=value.dtype))
-        points.append(ExitPointInfo(point.layer, point.layer, tuple(value.shape[1:]), layout, macs / batch,
-                                    macs / total if total else 0.0))
+        facts = points_by_path[point.layer]
+        if len(facts.shape) < 2 or not (facts.dtype.is_floating_point or facts.dtype.is_complex):
+            raise BranchifyError(f"{what}: its output ({facts.shape}, {facts.dtype}) is not a per-sample float "
+                                 "tensor; pick a module that outputs features")
+        layout = choose_layout(point.head.layout, facts.layout, facts.shape, what)
+        heads.append(build_head(point.head, facts.shape[1:], layout, num_classes, where=what,
+                                device=facts.device, dtype=facts.dtype))
+        points.append(ExitPointInfo(point.layer, point.layer, facts.shape[1:], layout, facts.macs / batch,
+                                    facts.macs / total if total else 0.0))
         ordered.append(point)
     exit_spec = spec.model_copy(update={"exits": ordered})
-    return HookExitModule(model, heads, exit_spec=exit_spec, exit_points=points, num_classes=num_classes)
+    return HookExitModule(model, heads, exit_spec=exit_spec, exit_points=points, num_classes=num_classes,
+                          output=output)

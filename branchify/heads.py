@@ -18,7 +18,7 @@ from .layout import Layout
 from .propagate import fake_mode
 from .spec import HeadSpec
 
-__all__ = ["GlobalPool", "HeadFactory", "build_head", "register_head", "registered_heads"]
+__all__ = ["GlobalPool", "MaskedPoolHead", "HeadFactory", "build_head", "register_head", "registered_heads"]
 
 HeadFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, HeadFactory] = {}
@@ -36,15 +36,39 @@ class GlobalPool(nn.Module):
         self.dims: list[int] = list(layout.spatial_dims)
         self.take_first = token == "cls"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.take_first:
             return x[:, 0]
         if len(self.dims) == 0:
             return x
+        if mask is not None:  # (B, L) with 1 at real tokens: padding must not move the mean
+            weights = mask.to(x.dtype).unsqueeze(-1)
+            return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         return x.mean(dim=self.dims)
 
     def extra_repr(self) -> str:
         return "token=cls" if self.take_first else f"dims={self.dims}"
+
+
+class MaskedPoolHead(nn.Sequential):
+    """A pooling head whose mean skips padding: ``forward(x, mask)`` with ``mask`` (B, L), 1 at real tokens.
+
+    The same layers as the head it is made from (so the same parameter names).
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self[0](x, mask)
+        for layer in self[1:]:
+            x = layer(x)
+        return x
+
+
+def masked(head: nn.Module) -> MaskedPoolHead | None:
+    """``head`` as a ``MaskedPoolHead`` if it starts by averaging over tokens, else None."""
+    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[0], GlobalPool) \
+            and not head[0].take_first and head[0].dims == [1]:
+        return MaskedPoolHead(*head)
+    return None
 
 
 def register_head(kind: str, factory: HeadFactory | None = None):
@@ -129,8 +153,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _linear_head(shape, layout, num_classes, spec):
-    pool = GlobalPool(layout, spec.token)
-    return nn.Sequential(pool, nn.Linear(shape[layout.channel_dim - 1], num_classes))
+    return nn.Sequential(GlobalPool(layout, spec.token), nn.Linear(shape[layout.channel_dim - 1], num_classes))
 
 
 def _mlp_head(shape, layout, num_classes, spec):

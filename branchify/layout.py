@@ -9,6 +9,7 @@ layer norms at the last dim) across the operations that move it (permute, transp
 
 from __future__ import annotations
 
+import builtins
 import enum
 import math
 import operator
@@ -16,7 +17,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.ops.misc import Permute
+
+from .errors import BranchifyError
+from .propagate import fake_mode
+from .record import record
+from .trace import restore_modes
 
 __all__ = ["Layout"]
 
@@ -55,48 +60,58 @@ class Layout(str, enum.Enum):
         return None
 
 
-_CHANNELS_FIRST_MODULES = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.LocalResponseNorm,
-)
-_CHANNELS_LAST_MODULES = (nn.Linear, nn.Bilinear)
-_CHANNELS_FIRST_FUNCTIONS = {
-    torch.conv1d, torch.conv2d, torch.conv3d, torch.batch_norm,
-    nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d, nn.functional.batch_norm,
-    nn.functional.max_pool1d, nn.functional.max_pool2d, nn.functional.max_pool3d,
-    nn.functional.avg_pool1d, nn.functional.avg_pool2d, nn.functional.avg_pool3d,
-    nn.functional.adaptive_avg_pool1d, nn.functional.adaptive_avg_pool2d,
-    nn.functional.adaptive_max_pool1d, nn.functional.adaptive_max_pool2d,
-    nn.functional.group_norm, nn.functional.instance_norm,
+# Operations named as torch.fx (``torch.conv2d``, ``"permute"``), torch.export (``aten.conv2d``) and the
+# recorded forward of ``branchify.record`` (the same torch functions) name them; see ``op_name``.
+_CHANNELS_FIRST_OPS = {
+    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "batch_norm", "native_batch_norm", "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "max_pool1d", "max_pool2d",
+    "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "group_norm", "native_group_norm", "instance_norm", "local_response_norm",
 }
-_CHANNELS_LAST_FUNCTIONS = {nn.functional.linear, torch.matmul, operator.matmul}
+_CHANNELS_LAST_OPS = {"linear", "matmul", "bilinear", "layer_norm", "native_layer_norm"}
+_CAT_OPS = {"cat", "concat", "concatenate"}
 
 
-def module_channel_dim(module: nn.Module, ndim: int, in_cdim: int | None = None) -> int | None:
-    """The channel dim of a leaf module's output, when the module's type defines it.
+def op_name(node: torch.fx.Node) -> str:
+    """The operation a node performs, by the name torch gives it at every capture level."""
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target.__name__
+    if target is builtins.getattr and len(node.args) == 2 and isinstance(node.args[1], str):
+        return node.args[1]  # x.mT, x.T
+    name = getattr(target, "__name__", "")
+    if name == "__get__":  # a property read recorded through __torch_function__ (Tensor.mT.__get__)
+        return getattr(getattr(target, "__self__", None), "__name__", "")
+    return name
 
-    Leaf containers (torchvision.ops' ``Conv2dNormActivation``, ``MLP``) are judged by their last
-    layer that defines a layout; ``Permute`` moves the input's channel dim.
-    """
-    dims = getattr(module, "dims", None)
-    if isinstance(module, Permute) and isinstance(dims, (list, tuple)):
-        perm = _as_dims(dims, ndim)
-        return perm.index(in_cdim) if perm is not None and in_cdim is not None else None
-    for sub in reversed(list(module.modules())):
-        if isinstance(sub, _CHANNELS_FIRST_MODULES):
-            return 1
-        if isinstance(sub, _CHANNELS_LAST_MODULES):
-            return ndim - 1
-        if isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) == 1 and type(sub) is nn.LayerNorm:
-            return ndim - 1
-    return None
+
+def _leaf_channel_dim(module: nn.Module, node: torch.fx.Node, shapes: dict, cdims: dict[str, int]) -> int | None:
+    """The channel dim of a leaf module's output: its forward is recorded on fake inputs and analysed
+    like any graph, seeded with the channel dims of its inputs."""
+    args = list(node.args)
+    if node.kwargs or not args or not all(isinstance(a, torch.fx.Node) and a.name in shapes for a in args):
+        return None
+    snapshot = [(m, m.training) for m in module.modules()]
+    try:
+        with fake_mode(), torch.no_grad():
+            module.eval()
+            inputs = {f"in{i}": torch.empty(shapes[a.name]) for i, a in enumerate(args)}
+            recording, out = record(module, inputs)
+    except Exception:  # a leaf that does not take float inputs of these shapes: its layout stays unknown
+        return None
+    finally:
+        restore_modes(snapshot)
+    produced = recording.node_of(out) if isinstance(out, torch.Tensor) else None
+    if produced is None:
+        return None
+    seeds = {f"in{i}": cdims[a.name] for i, a in enumerate(args) if a.name in cdims}
+    return channel_dims(recording.graph, recording.shapes, seeds=seeds).get(produced.name)
 
 
 def _as_dims(args: Sequence, ndim: int) -> list[int] | None:
@@ -115,16 +130,21 @@ def _reshaped_channel_dim(in_shape: Sequence[int], cdim: int, out_shape: Sequenc
     return None
 
 
-def propagate_channel_dims(gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Follow the channel dimension through ``gm``'s graph.
+def channel_dims(graph: torch.fx.Graph, shapes: dict[str, tuple[int, ...]], *,
+                 modules: dict[str, nn.Module] | None = None, seeds: dict[str, int] | None = None) -> dict[str, int]:
+    """Follow the channel dimension through ``graph``.
 
-    ``shapes`` maps node names to (batched) output shapes. Returns the channel dim of every node
-    whose layout the graph determines. Unknown operations that keep their input's shape are taken
-    to keep its layout (activations, dropout, residual adds, attention blocks).
+    ``shapes`` maps node names to (batched) output shapes; ``modules`` resolves ``call_module``
+    targets (leaf modules); ``seeds`` gives the channel dims of placeholders (by default 1 for 2-D and
+    4-D inputs, unknown otherwise). Returns the channel dim of every node
+    whose layout the graph determines. Operations that keep their input's shape and are not known to
+    move dimensions are taken to keep its layout (activations, dropout, residual adds, attention
+    blocks); an operation that moves dimensions in a way this analysis cannot follow ends the trail.
+    The same analysis serves graphs from torch.fx, torch.export and a recorded forward.
     """
-    modules = dict(gm.named_modules())
+    modules = modules or {}
     cdims: dict[str, int] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         shape = shapes.get(node.name)
         if shape is None:
             continue
@@ -133,22 +153,28 @@ def propagate_channel_dims(gm: torch.fx.GraphModule, shapes: dict[str, tuple[int
         tensor_args = [a for a in node.all_input_nodes if a.name in shapes]
         first = tensor_args[0] if tensor_args else None
         in_cdim = cdims.get(first.name) if first is not None else None
+        name = op_name(node)
         if node.op == "placeholder":
-            found = 1 if ndim in (2, 4) else None  # a 3-D input may be audio (NCL) or tokens (NLC)
+            if seeds is not None:
+                found = seeds.get(node.name)
+            else:
+                found = 1 if ndim in (2, 4) else None  # a 3-D input may be audio (NCL) or tokens (NLC)
         elif node.op == "call_module":
-            found = module_channel_dim(modules[node.target], ndim, in_cdim)
+            found = _leaf_channel_dim(modules[node.target], node, shapes, cdims)
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] is not None \
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].name not in shapes \
+                and node.args[1] == 0:
+            found = _role(op_name(node.args[0]), ndim)  # the first result of batch_norm and the like
         elif node.op in ("call_function", "call_method"):
-            target = node.target
-            if target in _CHANNELS_FIRST_FUNCTIONS:
-                found = 1
-            elif target in _CHANNELS_LAST_FUNCTIONS or target is nn.functional.layer_norm:
-                found = ndim - 1
-            elif in_cdim is not None and first is not None:
-                found = _moved_channel_dim(node, in_cdim, shapes[first.name], shape)
-        if found is None and in_cdim is not None and first is not None and shapes[first.name] == shape:
-            if not _moves_dims(node):
-                found = in_cdim
-        if found is None:
+            found = _role(name, ndim)
+            if found is None and name in _CAT_OPS:
+                found = _cat_channel_dim(node, cdims, shapes, ndim)
+            elif found is None and in_cdim is not None and first is not None:
+                found = _moved_channel_dim(node, name, in_cdim, shapes[first.name], shape)
+        if found is None and in_cdim is not None and first is not None and shapes[first.name] == shape \
+                and node.op != "call_module" and name not in _MOVING:
+            found = in_cdim
+        if found is None and node.op != "call_module" and name not in _MOVING:
             # an op on a constant and a tensor (cat with a class token, add of a position embedding)
             for arg in tensor_args[1:]:
                 if arg.name in cdims and shapes[arg.name] == shape:
@@ -159,46 +185,70 @@ def propagate_channel_dims(gm: torch.fx.GraphModule, shapes: dict[str, tuple[int
     return cdims
 
 
-_MOVING = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "reshape", "view", "flatten",
-           "unflatten", "squeeze", "unsqueeze", "mT", "t"}
-
-
-def _moves_dims(node: torch.fx.Node) -> bool:
-    if node.op == "call_module":
-        return False
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name in _MOVING
-
-
-def _moved_channel_dim(node: torch.fx.Node, cdim: int, in_shape: tuple[int, ...],
-                       out_shape: tuple[int, ...]) -> int | None:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    rest = [a for a in node.args[1:]]
-    if name == "permute":
-        perm = _as_dims(rest, len(in_shape))
-        return perm.index(cdim) if perm is not None else None
-    if name in ("transpose", "swapaxes", "swapdims") and len(rest) >= 2:
-        a, b = (d % len(in_shape) for d in rest[:2])
-        return b if cdim == a else a if cdim == b else cdim
-    if name in ("reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze"):
-        return _reshaped_channel_dim(in_shape, cdim, out_shape)
+def _role(name: str, ndim: int) -> int | None:
+    if name in _CHANNELS_FIRST_OPS:
+        return 1
+    if name in _CHANNELS_LAST_OPS:
+        return ndim - 1
     return None
 
 
-def layout_from_shape(shape: Sequence[int], input_spatial: Sequence[int] | None) -> Layout | None:
-    """Guess a 4-D layout from which two dims look like a downsampled copy of the input's H, W."""
+def _cat_channel_dim(node: torch.fx.Node, cdims: dict[str, int], shapes: dict, ndim: int) -> int | None:
+    # joining along any dim (channels included: inception's branches) keeps the channels where they are
+    known = {cdims[a.name] for a in node.all_input_nodes if a.name in cdims and len(shapes[a.name]) == ndim}
+    return known.pop() if len(known) == 1 else None
+
+
+_MOVING = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "reshape", "view", "_unsafe_view",
+           "flatten", "unflatten", "squeeze", "unsqueeze", "mT", "mH", "T", "H", "t", "adjoint", "select", "slice"}
+
+
+def _moved_channel_dim(node: torch.fx.Node, name: str, cdim: int, in_shape: tuple[int, ...],
+                       out_shape: tuple[int, ...]) -> int | None:
+    rest = [a for a in node.args[1:]]
+    ndim = len(in_shape)
+    if name == "permute":
+        perm = _as_dims(rest, ndim)
+        return perm.index(cdim) if perm is not None else None
+    if name in ("transpose", "swapaxes", "swapdims") and len(rest) >= 2 and all(isinstance(d, int) for d in rest[:2]):
+        a, b = (d % ndim for d in rest[:2])
+        return b if cdim == a else a if cdim == b else cdim
+    if name in ("mT", "mH", "adjoint") and ndim >= 2:
+        a, b = ndim - 2, ndim - 1
+        return b if cdim == a else a if cdim == b else cdim
+    if name in ("T", "H", "t"):
+        return ndim - 1 - cdim
+    if name in ("reshape", "view", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze"):
+        return _reshaped_channel_dim(in_shape, cdim, out_shape)
+    if name == "slice" and rest and isinstance(rest[0], int) and len(out_shape) == ndim:
+        return cdim if rest[0] % ndim != cdim else None
+    if name == "select" and rest and isinstance(rest[0], int):
+        dim = rest[0] % ndim
+        return None if dim == cdim else cdim - 1 if dim < cdim else cdim
+    return None
+
+
+
+
+def layout_of(shape: Sequence[int], cdim: int | None) -> Layout | None:
+    """The layout of a batched activation whose channel dim the analysis found (None: unknown)."""
     if len(shape) == 2:
         return Layout.NC
-    if len(shape) != 4 or not input_spatial or len(input_spatial) != 2:
-        return None
-    h, w = input_spatial
+    return None if cdim is None else Layout.from_channel_dim(len(shape), cdim)
 
-    def looks_spatial(a: int, b: int) -> bool:
-        return a * w == b * h and a <= h
 
-    first, last = looks_spatial(shape[2], shape[3]), looks_spatial(shape[1], shape[2])
-    if first and not last:
-        return Layout.NCHW
-    if last and not first:
-        return Layout.NHWC
-    return None
+def choose_layout(declared: Layout | None, inferred: Layout | None, shape, what: str) -> Layout:
+    """The declared layout (checked against the activation's rank), else the inferred one; refuses to guess."""
+    if declared is not None:
+        if declared.ndim != len(shape):
+            raise BranchifyError(
+                f"{what}: declared layout {declared.value} is {declared.ndim}-D but the activation has shape "
+                f"{tuple(shape)}; declare a layout with {len(shape)} dims")
+        return declared
+    if inferred is None:
+        options = [layout.value for layout in Layout if layout.ndim == len(shape)]
+        raise BranchifyError(
+            f"{what}: cannot tell the layout of an activation of shape {tuple(shape)} from the operations that "
+            "made it; "
+            f"declare it, e.g. HeadSpec(layout={options[0]!r}) (options for {len(shape)}-D: {options})")
+    return inferred

@@ -48,3 +48,42 @@ def split_outputs(outputs: Sequence, num_exits: int) -> tuple[list[torch.Tensor]
             raise BranchifyError(f"exit {i} output is {shape}; every exit must give logits shaped like the final "
                                  f"output {tuple(final.shape)}")
     return exits, final
+
+
+def _entry(path) -> str | int:
+    key = path[0]
+    return getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+
+
+def select_output(output, selector: str | int | None, *, strict: bool = True):
+    """The part of a model's output that holds the logits: ``(leaf, description)``.
+
+    ``output`` may be a tensor, a tuple, a dict or a Hugging Face ``ModelOutput`` (anything
+    ``torch.utils._pytree`` flattens; leaves may be tensors or graph nodes). ``selector`` names an
+    entry (a key or attribute, or a position); by default a tensor is taken as it is and a mapping's
+    ``"logits"`` entry is taken. With ``strict=False`` an output that has no default is returned whole
+    (googlenet's training outputs) instead of refused.
+
+    >>> import torch
+    >>> select_output({"logits": torch.zeros(2, 3), "hidden": torch.ones(2, 4)}, None)[1]
+    "entry 'logits'"
+    """
+    from torch.utils._pytree import tree_flatten_with_path
+
+    if selector is None and not isinstance(output, (tuple, list, dict)) and not hasattr(output, "keys"):
+        return output, "the output"
+    leaves = tree_flatten_with_path(output)[0]
+    entries = {_entry(path): leaf for path, leaf in leaves if len(path) == 1}
+    wanted = selector if selector is not None else "logits"
+    if wanted in entries:
+        return entries[wanted], f"entry {wanted!r}"
+    if selector is None and not strict:
+        return output, "the output"
+    listed = ", ".join(repr(e) for e in entries) or "none"
+    kind = type(output).__name__
+    if selector is None:
+        raise BranchifyError(
+            f"the model returns a {kind} (entries: {listed}) with no 'logits' entry; say which entry holds the "
+            f"logits with output=..., e.g. attach_exits(model, spec, example_inputs, output={next(iter(entries), 0)!r})")
+    raise BranchifyError(f"output={selector!r}: the model returns a {kind} without that entry (entries: {listed}); "
+                         "pass one of them")

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .errors import BranchifyError
-from .layout import Layout, layout_from_shape, propagate_channel_dims
+from .inputs import Inputs
+from .layout import Layout, channel_dims, layout_of
 from .propagate import NodeFacts, propagate
-from .trace import QUALNAME, Traced, ancestors, as_tuple, depends_on_input, final_output_nodes, trace_model
+from .trace import QUALNAME, Traced, ancestors, depends_on_input, final_output_nodes
 
 __all__ = ["ExitPointInfo", "ExitPoints", "list_exit_points"]
 
@@ -63,13 +64,14 @@ class Analysis:
 
     def __init__(self, traced: Traced, example_inputs) -> None:
         self.traced = traced
-        self.inputs = as_tuple(example_inputs)
+        self.inputs = Inputs.of(example_inputs)
         self.graph = traced.graphs[False]
-        self.gm = fx.GraphModule(traced.model, self.graph)
+        targets = {n.target for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+        self.gm = fx.GraphModule({t: traced.attr(t, False) for t in targets}, self.graph)
         self.facts, self.output = propagate(self.gm, self.inputs)
-        self.batch = self._batch_size()
+        self.batch = self.inputs.batch
         shapes = {k: f.shape for k, f in self.facts.items() if f.shape is not None}
-        self.cdims = propagate_channel_dims(self.gm, shapes)
+        self.cdims = channel_dims(self.graph, shapes, modules=dict(self.gm.named_modules()))
         self.order = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self.outputs = final_output_nodes(self.graph)
         self.feeds_output: set[fx.Node] = set().union(*(ancestors(n) for n in self.outputs))
@@ -79,14 +81,6 @@ class Analysis:
             cumulative[node.name] = total
         self.cumulative_macs = cumulative
         self.total_macs = total
-
-    def _batch_size(self) -> int:
-        first = self.inputs[0] if self.inputs else None
-        return int(first.shape[0]) if first is not None and getattr(first, "ndim", 0) > 0 else 1
-
-    def input_spatial(self) -> tuple[int, ...] | None:
-        first = self.inputs[0]
-        return tuple(first.shape[-2:]) if getattr(first, "ndim", 0) == 4 else None
 
     def facts_of(self, node: fx.Node) -> NodeFacts:
         return self.facts[node.name]
@@ -112,10 +106,7 @@ class Analysis:
     def layout_of(self, node: fx.Node) -> Layout | None:
         shape = self.facts[node.name].shape
         assert shape is not None
-        cdim = self.cdims.get(node.name)
-        if cdim is not None:
-            return Layout.from_channel_dim(len(shape), cdim)
-        return layout_from_shape(shape, self.input_spatial())
+        return layout_of(shape, self.cdims.get(node.name))
 
     def info(self, name: str, node: fx.Node) -> ExitPointInfo:
         shape = self.facts[node.name].shape
@@ -142,12 +133,16 @@ def block_paths(model: nn.Module) -> list[str]:
     return paths
 
 
-def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = False) -> ExitPoints:
+def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = False, capture: str = "auto",
+                     leaf_modules: list[type] | None = None, output: str | int | None = None) -> ExitPoints:
     """The points of ``model`` where an exit can attach, in graph order.
 
     By default the block boundaries (the model's children and grandchildren, and the members of
     containers among them); ``all_nodes=True`` lists every tensor-valued node by the name
-    ``get_graph_node_names`` gives it. Shapes and MACs come from one pass with fake tensors.
+    ``get_graph_node_names`` gives it. Shapes and MACs come from one pass with fake tensors. The
+    model is captured as ``bx.attach_exits`` captures it (``capture``, ``leaf_modules`` and ``output``
+    mean the same); on the hook path the block boundaries are listed in the order they ran, from one
+    real forward.
 
     >>> import torch, torchvision, branchify as bx
     >>> points = bx.list_exit_points(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
@@ -156,8 +151,14 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
     >>> round(points[-1].macs_fraction, 3) < 1.0
     True
     """
-    traced = trace_model(model)
-    analysis = Analysis(traced, example_inputs)
+    from .capture import capture as capture_graphs
+
+    inputs = Inputs.of(example_inputs)
+    inputs.check_batch("list_exit_points")
+    traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
+    if isinstance(traced, str):
+        return _hook_exit_points(model, inputs, output)
+    analysis = Analysis(traced, inputs)
     if all_nodes:
         names = [(n.meta.get(QUALNAME, n.name), n) for n in analysis.graph.nodes]
     else:
@@ -175,3 +176,17 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
         seen.add(node.name)
         found.append((analysis.order[node.name], analysis.info(name, node)))
     return ExitPoints(info for _, info in sorted(found, key=lambda pair: pair[0]))
+
+
+def _hook_exit_points(model: nn.Module, inputs: Inputs, output) -> ExitPoints:
+    from .fallback import hook_points
+
+    points, final, total = hook_points(model, inputs, block_paths(model), output)
+    batch = inputs.batch
+    rows = []
+    for facts in sorted(points.values(), key=lambda f: f.order):
+        if len(facts.shape) < 2 or not facts.dtype.is_floating_point or facts.macs >= total:
+            continue  # not per-sample features, or computed only at the very end
+        rows.append(ExitPointInfo(facts.path, facts.path, facts.shape[1:], facts.layout, facts.macs / batch,
+                                  facts.macs / total if total else 0.0))
+    return ExitPoints(rows)

@@ -8,6 +8,7 @@ node, so a node's MACs are exactly what the counter attributes to it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import BranchifyError
-from .trace import as_tuple, restore_modes
+from .inputs import Inputs, bind
+from .trace import eval_mode
 
 __all__ = ["NodeFacts", "fake_mode", "propagate"]
 
@@ -49,6 +51,7 @@ class NodeFacts:
     dtype: torch.dtype | None
     device: torch.device | None
     macs: float
+    mutated_later: bool = False  # a later operation changes this value in place (``relu_``, ``+=``)
 
 
 class _Counting(fx.Interpreter):
@@ -56,6 +59,7 @@ class _Counting(fx.Interpreter):
         super().__init__(gm)
         self.counter = counter
         self.facts: dict[str, NodeFacts] = {}
+        self.versions: dict[str, tuple[torch.Tensor, int]] = {}
 
     def run_node(self, node: fx.Node):
         before = self.counter.get_total_flops()
@@ -63,43 +67,45 @@ class _Counting(fx.Interpreter):
         macs = (self.counter.get_total_flops() - before) / 2
         if isinstance(value, torch.Tensor):
             facts = NodeFacts(tuple(value.shape), value.dtype, value.device, macs)
+            self.versions[node.name] = (value, value._version)  # fake tensors count in-place writes too
         else:
             facts = NodeFacts(None, None, None, macs)
         self.facts[node.name] = facts
         return value
 
+    def mark_mutated(self) -> None:
+        for name, (value, version) in self.versions.items():
+            if value._version != version:
+                self.facts[name] = dataclasses.replace(self.facts[name], mutated_later=True)
 
-def describe_inputs(inputs: tuple) -> str:
-    return ", ".join(f"{type(x).__name__}{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor)
-                     else type(x).__name__ for x in inputs)
+
+def describe_inputs(inputs) -> str:
+    return Inputs.of(inputs).describe()
 
 
 def propagate(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, NodeFacts], object]:
-    """Run ``gm`` in eval mode on fake copies of ``example_inputs``.
+    """Run ``gm`` in eval mode on fake copies of ``example_inputs`` (bound to its placeholders).
 
     Returns the facts per node name and the (fake) output. The module's training flags are
     restored afterwards.
     """
-    inputs = as_tuple(example_inputs)
-    snapshot = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    try:
-        with fake_mode() as mode:
-            fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
-            with FlopCounterMode(display=False) as counter:
-                interp = _Counting(gm, counter)
-                try:
-                    out = interp.run(*fake_inputs)
-                except BranchifyError:
-                    raise
-                except Exception as err:
-                    node = next((n for n in gm.graph.nodes if n.name not in interp.facts), None)
-                    where = f" at node {node.name!r}" if node is not None else ""
-                    text = str(err).strip().splitlines()
-                    raise BranchifyError(
-                        f"the model rejects example_inputs ({describe_inputs(inputs)}){where}: "
-                        f"{text[0] if text else type(err).__name__}. Pass inputs the model accepts, e.g. "
-                        "torch.randn(1, 3, 224, 224) for an ImageNet classifier") from None
-    finally:
-        restore_modes(snapshot)
+    inputs = Inputs.of(example_inputs)
+    values = bind(gm.graph, inputs, "example_inputs")
+    with eval_mode(gm), fake_mode() as mode:
+        fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in values)
+        with FlopCounterMode(display=False) as counter:
+            interp = _Counting(gm, counter)
+            try:
+                out = interp.run(*fake_inputs)
+                interp.mark_mutated()
+            except BranchifyError:
+                raise
+            except Exception as err:
+                node = next((n for n in gm.graph.nodes if n.name not in interp.facts), None)
+                where = f" at node {node.name!r}" if node is not None else ""
+                text = str(err).strip().splitlines()
+                raise BranchifyError(
+                    f"the model rejects example_inputs ({inputs.describe()}){where}: "
+                    f"{text[0] if text else type(err).__name__}. Pass inputs the model accepts, e.g. "
+                    "torch.randn(1, 3, 224, 224) for an ImageNet classifier") from None
     return interp.facts, out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from torch import nn
 from .cost import exit_costs
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
+from .inputs import Inputs, bind
 from .propagate import describe_inputs, fake_mode
 from .spec import ExitSpec
 from .stages import extract_stages
@@ -104,22 +105,23 @@ class ExitRunner:
                 f"ExitRunner needs a module made by bx.attach_exits, got {type(module).__name__}; "
                 "e.g. bx.ExitRunner(bx.attach_exits(model, spec, example_inputs))")
         hooks = getattr(module, "exit_path", "fx") == "hooks"
-        stages = [] if hooks else list(extract_stages(module, module._graphs[False]).modules)
+        cut = None if hooks else extract_stages(module, module._graphs[False])
         param = next((p for p in module.parameters() if p.is_floating_point()), None)
-        self._setup(module=module.eval(), spec=spec, stages=stages, heads=list(module.exit_heads),
-                    num_classes=int(module.num_classes),
-                    num_inputs=None if hooks else sum(n.op == "placeholder" for n in stages[0].graph.nodes),
+        self._setup(module=module.eval(), spec=spec, stages=[] if cut is None else list(cut.modules),
+                    heads=list(module.exit_heads), num_classes=int(module.num_classes), num_inputs=None,
                     dtype=None if param is None else param.dtype, device=None if param is None else param.device,
-                    hooks=hooks)
+                    hooks=hooks, head_inputs=None if cut is None else cut.head_inputs)
         if example_inputs is not None:
-            inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-            self._check(inputs)
-            self._costs(inputs)
+            values = self._bind((example_inputs,), {})
+            self._check(values)
+            self._costs(values)
 
     def _setup(self, *, module: nn.Module | None, spec: ExitSpec, stages: list[nn.Module], heads: list[nn.Module],
                num_classes: int, num_inputs: int | None, dtype: torch.dtype | None,
-               device: torch.device | None, hooks: bool = False) -> None:
+               device: torch.device | None, hooks: bool = False, head_inputs: list[int] | None = None) -> None:
         self._module = module
+        self._named: dict | None = None  # the names of a hook-path call's named inputs
+        self._head_inputs = head_inputs or [1] * len(heads)
         self._hooks = hooks
         self._rules = _rules(spec)
         self._spec = spec
@@ -134,16 +136,34 @@ class ExitRunner:
         self._macs: dict[tuple, torch.Tensor] = {}
         self._shapes: list[tuple[torch.Size, ...]] = []
 
-    def __call__(self, *inputs: torch.Tensor) -> ExitResult:
+    def _bind(self, args: tuple, kwargs: dict) -> tuple:
+        """The stage-0 inputs of a call: as the model takes them (positional, named, or one dict of named
+        tensors), with the forward's defaults filled in."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], (tuple, list)) and not self._hooks:
+            args = tuple(args[0])  # example_inputs given as a tuple
+        inputs = Inputs.of(args[0]) if len(args) == 1 and not kwargs and isinstance(args[0], Mapping) \
+            else Inputs(tuple(args), dict(kwargs))
+        if self._hooks or self._module is None:
+            if inputs.kwargs:
+                if self._module is None:
+                    raise BranchifyError("a loaded runner takes positional input tensors only")
+                self._named = inputs.kwargs
+                return tuple(inputs.kwargs.values())
+            return inputs.args
+        return bind(self.stages[0].graph, inputs, "ExitRunner")
+
+    def __call__(self, *args, **kwargs) -> ExitResult:
         if self._module is not None and self._module.training:
             raise BranchifyError(
                 "the module is in training mode (module.train() was called after the runner was built); "
                 "call module.eval() before running the runner")
         self._follow_spec()
+        self._named = None
+        inputs = self._bind(args, kwargs)
         self._check(inputs)
         costs = self._costs(inputs)
         with torch.inference_mode():
-            x = inputs[0]
+            x = self._batch_input(inputs)
             if x.shape[0] == 0:
                 empty = torch.empty(0, dtype=torch.int64, device=x.device)
                 return ExitResult(x.new_empty((0, self.num_classes), dtype=self._dtype or x.dtype), empty,
@@ -169,14 +189,15 @@ class ExitRunner:
     def _route(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         stages, heads, rules = self._run_stages, self._run_heads, self._rules
         k = len(rules)
-        batch = inputs[0].shape[0]
-        exit_index = torch.full((batch,), k, dtype=torch.int64, device=inputs[0].device)
+        first = self._batch_input(inputs)
+        batch = first.shape[0]
+        exit_index = torch.full((batch,), k, dtype=torch.int64, device=first.device)
         logits = None  # allocated when some samples leave and others go on
         where = None  # original positions of the samples still running; None while that is the whole batch
         values = inputs
         for i in range(k):
             values = stages[i](*values)
-            z = heads[i](values[0])
+            z = heads[i](*values[:self._head_inputs[i]])
             rule = rules[i]
             fired = rule.criterion.fires(rule.criterion.score(z, None, rule.temperature), rule.threshold)
             leaving = int(fired.sum())  # the one host sync of this exit
@@ -207,9 +228,10 @@ class ExitRunner:
 
     def _route_hooks(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         heads, rules = self._run_heads, self._rules
-        batch = inputs[0].shape[0]
-        exit_index = torch.full((batch,), len(rules), dtype=torch.int64, device=inputs[0].device)
-        running = torch.ones(batch, dtype=torch.bool, device=inputs[0].device)
+        first = self._batch_input(inputs)
+        batch = first.shape[0]
+        exit_index = torch.full((batch,), len(rules), dtype=torch.int64, device=first.device)
+        running = torch.ones(batch, dtype=torch.bool, device=first.device)
         state: dict[str, torch.Tensor] = {}
         judged: set[int] = set()
 
@@ -227,22 +249,30 @@ class ExitRunner:
                 raise _BatchExited
 
         try:
-            final = self._module.run_with_hooks(judge, *inputs)
+            if self._named is not None:
+                final = self._module.run_with_hooks(judge, **self._named)
+            else:
+                final = self._module.run_with_hooks(judge, *inputs)
         except _BatchExited:
             return state["logits"], exit_index
         if "logits" not in state:
             return final, exit_index
         return torch.where(running[:, None], final, state["logits"]), exit_index
 
+    @staticmethod
+    def _batch_input(inputs: tuple) -> torch.Tensor:
+        return next(a for a in inputs if isinstance(a, torch.Tensor))
+
     def _check(self, inputs: tuple) -> None:
         expected = self._num_inputs
-        if (expected is not None and len(inputs) != expected) or not inputs or not all(
-                isinstance(a, torch.Tensor) and a.ndim > 0 for a in inputs):
+        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+        if (expected is not None and len(inputs) != expected) or not tensors or not all(
+                a.ndim > 0 and a.shape[0] == tensors[0].shape[0] for a in tensors):
             count = "the module's inputs" if expected is None else f"{expected} input tensor(s)"
             raise BranchifyError(
-                f"ExitRunner takes {count}, each with a batch dim, like the model's forward; got "
+                f"ExitRunner takes {count}, each tensor with the same batch dim, like the model's forward; got "
                 f"{describe_inputs(inputs) or 'nothing'}{self._expected()}")
-        x = inputs[0]
+        x = next((a for a in tensors if a.is_floating_point()), tensors[0])
         if (self._dtype is not None and x.is_floating_point() and x.dtype != self._dtype) or (
                 self._device is not None and x.device != self._device):
             raise BranchifyError(
@@ -256,22 +286,23 @@ class ExitRunner:
     def _expected(self) -> str:
         return f" (it has run on {self._seen_shapes()})" if self._shapes else ""
 
-    def _costs(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x = inputs[0]
-        key = (x.device, *(a.shape[1:] for a in inputs))
+    def _costs(self, inputs: tuple) -> torch.Tensor:
+        x = self._batch_input(inputs)
+        shapes = tuple(a.shape[1:] for a in inputs if isinstance(a, torch.Tensor))
+        key = (x.device, *shapes)
         costs = self._macs.get(key)
         if costs is None:
-            shapes = tuple(a.shape[1:] for a in inputs)
             # Batch 1, zeros: the hook fallback counts with a real forward, and a model with data-dependent
             # branches should not see uninitialised memory.
-            example = tuple(a.new_zeros((1, *a.shape[1:])) for a in inputs)
+            example = tuple(a.new_zeros((1, *a.shape[1:])) if isinstance(a, torch.Tensor) else a for a in inputs)
             if self._module is None:
                 raise BranchifyError(
                     f"this runner was saved for inputs {self._seen_shapes()} and its exported "
                     f"programs take only those, but got {describe_inputs(inputs)}; pass inputs of that shape, or "
                     "save the runner again with example_inputs of the shape you need")
             try:
-                per_exit = exit_costs(self._module, example).per_exit
+                named = None if self._named is None else dict(zip(self._named, example))
+                per_exit = exit_costs(self._module, example if named is None else named).per_exit
             except BranchifyError as err:
                 raise BranchifyError(f"the runner cannot take inputs {describe_inputs(inputs)}: {err}") from None
             if not self._hooks:
@@ -458,9 +489,9 @@ def _rules(spec: ExitSpec) -> list[_Rule]:
 
 def _check_carried(stages: list[nn.Module], example: tuple[torch.Tensor, ...]) -> None:
     """Every value carried across a cut must be a per-sample tensor, or compaction would be wrong."""
-    pairs = [torch.cat([a, a]) for a in example]  # batch 2: tells the batch dim apart
+    pairs = [torch.cat([a, a]) if isinstance(a, torch.Tensor) else a for a in example]  # batch 2 tells the batch dim
     with fake_mode() as mode:
-        values = tuple(mode.from_tensor(a) for a in pairs)
+        values = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in pairs)
         for i, stage in enumerate(stages[:-1]):
             values = stage(*values)
             names = [n for n in stage.graph.nodes if n.op == "output"][0].args[0]

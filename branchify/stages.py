@@ -19,14 +19,17 @@ import math
 import operator
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from .errors import BranchifyError
+from .surgery import HEAD_INPUT_COPY
 from .trace import QUALNAME
 
 __all__ = ["Stages", "extract_stages"]
 
 HEAD_PREFIX = "exit_heads."
+_SYM_SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
 # Functions that, applied to shape values, give shape values (``h // 16``, ``shape[0]``, ``len(shape)``).
@@ -54,6 +57,7 @@ class Stages:
 
     modules: list[fx.GraphModule]
     carried: list[list[str]]
+    head_inputs: list[int]  # how many of stage i's first outputs head i takes (its input, then the mask)
 
 
 def _defined_in_stage(nodes: list[fx.Node], anchors: list[fx.Node]) -> dict[fx.Node, int]:
@@ -79,6 +83,7 @@ def _recomputable(nodes: list[fx.Node]) -> set[fx.Node]:
             (node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
              and node.args[1] in _SHAPE_ATTRS)
             or (node.op == "call_method" and node.target in _SHAPE_METHODS)
+            or (node.op == "call_function" and node.target in _SYM_SIZE_OPS)  # torch.export's x.shape[i]
         )
         if reads_shape or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS and inputs
                            and all(a in shape or a in free for a in inputs)):
@@ -105,12 +110,16 @@ def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
     output = nodes[-1]
     if not heads or output.op != "output" or len(output.args[0]) != len(heads) + 1:
         raise BranchifyError("extract_stages needs the eval graph of a module made by bx.attach_exits")
-    anchors = [h.args[0] for h in heads]
+    # a head that reads a copy of its input (a later op changes it in place) reads the input itself
+    # here: each stage's head runs before the next stage does
+    copies = [h.args[0] for h in heads if h.args[0].meta.get(HEAD_INPUT_COPY)]
+    anchors = [h.args[0].args[0] if h.args[0].meta.get(HEAD_INPUT_COPY) else h.args[0] for h in heads]
+    extras = [list(h.args[1:]) for h in heads]
     final = output.args[0][-1]
     if not isinstance(final, fx.Node):
         raise BranchifyError(f"the model's final output is {type(final).__name__}, not a tensor; "
                              "the runtime needs a classifier whose eval output is a (batch, classes) tensor")
-    body = [n for n in nodes if n not in heads and n is not output]
+    body = [n for n in nodes if n not in heads and n not in copies and n is not output]
     stage_of = _defined_in_stage(body, anchors)
     recompute = _recomputable(body)
     num_stages = len(anchors) + 1
@@ -131,13 +140,18 @@ def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
     for node in body:
         if node not in recompute:
             needs(node, stage_of[node], set())
+    for cut, extra in enumerate(extras):
+        for arg in extra:
+            if stage_of[arg] != cut:
+                reads[cut].add(arg)
 
     position = {n: i for i, n in enumerate(body)}
     carried: list[list[fx.Node]] = []
     for cut, anchor in enumerate(anchors):
         live = {v for later in reads[cut + 1:] for v in later if stage_of[v] <= cut}
         live.discard(anchor)
-        carried.append([anchor, *sorted(live, key=position.__getitem__)])
+        live.difference_update(extras[cut])
+        carried.append([anchor, *extras[cut], *sorted(live, key=position.__getitem__)])
 
     modules = []
     for stage in range(num_stages):
@@ -145,7 +159,7 @@ def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
         result = carried[stage] if stage < len(anchors) else [final]
         members = [n for n in body if stage_of[n] == stage and n.op != "placeholder"]
         modules.append(_build(root, sources, members, result, recompute, f"ExitStage{stage}"))
-    return Stages(modules, [[n.name for n in c] for c in carried])
+    return Stages(modules, [[n.name for n in c] for c in carried], [1 + len(e) for e in extras])
 
 
 def _build(root: nn.Module, sources: list[fx.Node], members: list[fx.Node], result: list[fx.Node],

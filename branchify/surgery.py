@@ -16,16 +16,20 @@ import torch
 from torch import fx, nn
 from torch.fx.graph_module import _assign_attr
 
+from .capture import capture as capture_graphs
 from .errors import BranchifyError
-from .heads import build_head
-from .layout import Layout
+from .heads import build_head, masked
+from .inputs import Inputs
+from .layout import Layout, choose_layout
 from .points import Analysis, ExitPointInfo
 from .spec import ExitSpec, spec_attribute
-from .trace import QUALNAME, ancestors, as_tuple, final_output_nodes, trace_model
+from .trace import QUALNAME, ancestors, final_output_nodes
 
 __all__ = ["ExitModule", "attach_exits"]
 
 HEADS = "exit_heads"
+HEAD_INPUT_COPY = "branchify_head_input_copy"  # node.meta tag of the copy a head reads
+MASK = "attention_mask"
 
 
 class ExitModule(fx.GraphModule):
@@ -37,12 +41,12 @@ class ExitModule(fx.GraphModule):
     ``torchvision.models.feature_extraction.create_feature_extractor``.
     """
 
-    exit_path = "fx"
     # plain Python state: TorchScript must not compile it (extends GraphModule's own list)
     __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "exit_spec"]
 
     def __init__(self, root: Mapping[str, object], graphs: dict[bool, fx.Graph], *, exit_spec: ExitSpec,
-                 exit_points: list[ExitPointInfo], num_classes: int, training: bool = False) -> None:
+                 exit_points: list[ExitPointInfo], num_classes: int, training: bool = False,
+                 exit_path: str = "fx", keyword_inputs: bool = False) -> None:
         super().__init__(dict(root), graphs[training], class_name="ExitModule")
         for graph in graphs.values():
             for node in graph.nodes:
@@ -54,11 +58,25 @@ class ExitModule(fx.GraphModule):
         self.exit_spec = exit_spec
         self.exit_points = exit_points
         self.num_classes = num_classes
+        self.exit_path = exit_path
+        self.keyword_inputs = keyword_inputs
         # Only the wrapper's flag: shared backbone modules keep the flags they had in the model.
         self.training = training
         self.exit_heads.train(training)
 
     exit_spec = spec_attribute("graph order")
+
+    def __call__(self, *args, **kwargs):
+        if self.keyword_inputs and len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
+            args, kwargs = (), dict(args[0])  # module(batch) with a tokenizer's output
+        if kwargs:
+            placeholders = [str(n.target) for n in self.graph.nodes if n.op == "placeholder"]
+            unknown = sorted(set(kwargs) - set(placeholders))
+            if unknown:
+                raise BranchifyError(
+                    f"unknown input(s) {unknown}; this module was captured with inputs {placeholders}. Drop the "
+                    "others (labels belong in the loader's target, not the model's inputs)")
+        return super().__call__(*args, **kwargs)
 
     def train(self, mode: bool = True) -> ExitModule:
         if self._graphs[mode] is not self.graph:
@@ -75,7 +93,8 @@ class ExitModule(fx.GraphModule):
         # type(self) is torch.fx's per-instance GraphModuleImpl; constructing through it skips __init__.
         cls = next(c for c in type(self).__mro__ if not c.__qualname__.endswith("GraphModuleImpl"))
         clone = cls(root, graphs, exit_spec=self.exit_spec, exit_points=list(self.exit_points),
-                           num_classes=self.num_classes, training=self.training)
+                           num_classes=self.num_classes, training=self.training, exit_path=self.exit_path,
+                           keyword_inputs=self.keyword_inputs)
         memo[id(self)] = clone
         return clone
 
@@ -115,18 +134,24 @@ def _num_classes(output) -> int:
 
 
 def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
-                 leaf_modules: list[type] | None = None) -> nn.Module:
+                 leaf_modules: list[type] | None = None, capture: str = "auto",
+                 output: str | int | None = None) -> nn.Module:
     """Attach the exits of ``spec`` to ``model`` and return a multi-output module.
 
-    The model is traced with torch.fx; each exit's layer resolves to a graph node (a module path
-    to the last node inside that module); shapes and layouts come from a pass with fake tensors
-    over ``example_inputs`` (any batch size: nothing is computed). The result's forward returns
-    ``(exit_0, ..., exit_{k-1}, final)``, exits in graph order whatever order the spec lists them,
-    and ``final`` is the original model's output, bit for bit. ``model`` is not modified; the
-    result shares its parameters. ``leaf_modules`` are module types not to trace through.
+    The model is captured as a graph: with torch.fx (torchvision's node names), else with
+    torch.export (Hugging Face transformers and other models fx cannot trace), else, for models
+    neither can capture, through forward hooks, with a warning. ``result.exit_path`` says which
+    (``"fx"``, ``"export"`` or ``"hooks"``); ``capture=`` forces one. Each exit's layer resolves to a
+    graph node (a module path to the last node inside that module); shapes and layouts come from a pass
+    with fake tensors over ``example_inputs`` (a tensor, a tuple of tensors, or a dict of named tensors
+    such as a tokenizer's output; any batch size: nothing is computed).
 
-    Models that torch.fx cannot trace get the same exits through forward hooks, with a warning
-    (``result.exit_path == "hooks"``).
+    The result's forward returns ``(exit_0, ..., exit_{k-1}, final)``, exits in graph order whatever
+    order the spec lists them, and ``final`` is the original model's logits, bit for bit: its output
+    itself, or the ``"logits"`` entry of a dict or ``ModelOutput``; ``output=`` names another entry (a
+    key or a position). A module captured from named inputs is called as ``module(batch)`` or
+    ``module(**batch)``. ``model`` is not modified; the result shares its parameters.
+    ``leaf_modules`` are module types torch.fx does not trace through.
 
     >>> import torch, torchvision, branchify as bx
     >>> model = torchvision.models.resnet18().eval()
@@ -136,24 +161,22 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     >>> outputs = module(x)
     >>> [tuple(o.shape) for o in outputs]
     [(2, 1000), (2, 1000), (2, 1000)]
-    >>> module.exit_spec.layers, torch.equal(outputs[-1], model(x))
-    (['layer1', 'layer2'], True)
+    >>> module.exit_spec.layers, torch.equal(outputs[-1], model(x)), module.exit_path
+    (['layer1', 'layer2'], True, 'fx')
     """
     spec = _as_spec(spec)
-    inputs = as_tuple(example_inputs)
-    try:
-        traced = trace_model(model, leaf_modules)
-    except BranchifyError:
-        raise
-    except Exception as err:  # torch.fx cannot trace it: data-dependent control flow and the like
+    inputs = Inputs.of(example_inputs)
+    inputs.check_batch("attach_exits")
+    traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
+    if isinstance(traced, str):
         from .fallback import attach_exits_with_hooks
 
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(
-            f"torch.fx cannot trace {type(model).__name__} ({reason}); attaching exits with forward hooks "
-            "instead. Exits must then name modules, and the runtime cannot compact batches inside the forward",
-            stacklevel=2)
-        return attach_exits_with_hooks(model, spec, inputs, reason=reason)
+        if capture != "hooks":
+            warnings.warn(
+                f"{type(model).__name__} cannot be captured as a graph ({traced}); attaching exits with forward hooks "
+                "instead. Exits must then name modules, and the runtime cannot drop samples inside the forward",
+                stacklevel=2)
+        return attach_exits_with_hooks(model, spec, inputs, reason=traced, output=output)
     analysis = Analysis(traced, inputs)
     num_classes = _num_classes(analysis.output)
 
@@ -178,47 +201,70 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
 
     ordered = [spec.exits[i] for _, _, i in anchors]
     exit_spec = spec.model_copy(update={"exits": ordered})
+    mask = _attention_mask(analysis)
     root: dict[str, object] = {}
     points: list[ExitPointInfo] = []
+    extra_inputs: list[bool] = []  # does head k read the attention mask
+    copies: list[bool] = []  # does head k read a copy (a later op changes its input in place)
     for k, (node, _, i) in enumerate(anchors):
         point = spec.exits[i]
         what = f"exit {i} (layer {point.layer!r})"
         facts = analysis.facts_of(node)
-        layout = _layout(point.head.layout, analysis.layout_of(node), facts.shape, what)
+        layout = choose_layout(point.head.layout, analysis.layout_of(node), facts.shape, what)
         info = analysis.info(point.layer, node)
         points.append(ExitPointInfo(info.name, info.node, info.shape, layout, info.macs, info.macs_fraction))
-        root[f"{HEADS}.{k}"] = build_head(point.head, facts.shape[1:], layout, num_classes, where=what,
-                                          device=facts.device, dtype=facts.dtype)
+        head = build_head(point.head, facts.shape[1:], layout, num_classes, where=what,
+                          device=facts.device, dtype=facts.dtype)
+        reads_mask = _reads_mask(head, layout, facts.shape, mask, analysis, what)
+        root[f"{HEADS}.{k}"] = masked(head) if reads_mask else head
+        extra_inputs.append(reads_mask)
+        copies.append(facts.mutated_later)
 
     graphs = {}
     for training in (True, False):
         graph = traced.graphs[training]
+        mask_node = next((n for n in graph.nodes if n.op == "placeholder" and n.name == mask), None)
         heads = []
         for k, (eval_node, train_node, _) in enumerate(anchors):
             anchor = train_node if training else eval_node
             with graph.inserting_after(anchor):
-                heads.append(graph.create_node("call_module", f"{HEADS}.{k}", (anchor,), name=f"exit_head_{k}"))
+                source = anchor
+                if copies[k]:  # the head reads the value as it was here, and autograd keeps it intact
+                    source = graph.call_method("clone", (anchor,))
+                    source.meta[HEAD_INPUT_COPY] = True
+                with graph.inserting_after(source):
+                    args = (source, mask_node) if extra_inputs[k] else (source,)
+                    heads.append(graph.create_node("call_module", f"{HEADS}.{k}", args, name=f"exit_head_{k}"))
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         output.args = ((*heads, output.args[0]),)
         output.type = None
         graphs[training] = graph
         for node in graph.nodes:
             if node.op in ("get_attr", "call_module") and node.target not in root:
-                root[node.target] = _get_attr(model, node.target)
+                root[node.target] = traced.attr(node.target, training)
     return ExitModule(root, graphs, exit_spec=exit_spec, exit_points=points, num_classes=num_classes,
-                      training=model.training)
+                      training=model.training, exit_path=traced.path,
+                      keyword_inputs=bool(inputs.kwargs) and not inputs.args)
 
 
-def _layout(declared: Layout | None, inferred: Layout | None, shape, what: str) -> Layout:
-    if declared is not None:
-        if declared.ndim != len(shape):
-            raise BranchifyError(
-                f"{what}: declared layout {declared.value} is {declared.ndim}-D but the activation has shape "
-                f"{tuple(shape)}; declare a layout with {len(shape)} dims")
-        return declared
-    if inferred is None:
-        options = [layout.value for layout in Layout if layout.ndim == len(shape)]
+def _attention_mask(analysis: Analysis) -> str | None:
+    """The name of the input that marks padding (a tokenizer's ``attention_mask``), if the model takes one."""
+    for node in analysis.graph.nodes:
+        if node.op == "placeholder" and node.name == MASK and analysis.facts.get(node.name) is not None:
+            shape = analysis.facts[node.name].shape
+            if shape is not None and len(shape) == 2:
+                return node.name
+    return None
+
+
+def _reads_mask(head: nn.Module, layout: Layout, shape, mask: str | None, analysis: Analysis, what: str) -> bool:
+    """Token heads that average over positions must skip padding: they read the attention mask."""
+    if mask is None or layout is not Layout.NLC or masked(head) is None:
+        return False
+    mask_shape = analysis.facts[mask].shape
+    if tuple(mask_shape) != tuple(shape[:2]):
         raise BranchifyError(
-            f"{what}: cannot tell the layout of an activation of shape {tuple(shape)} from the graph; "
-            f"declare it, e.g. HeadSpec(layout={options[0]!r}) (options for {len(shape)}-D: {options})")
-    return inferred
+            f"{what}: the model takes an attention mask of shape {tuple(mask_shape)}, but this exit's tokens are "
+            f"{tuple(shape)}, so a mean over them cannot skip the padding; use HeadSpec(token='cls'), or an exit "
+            "whose tokens line up with the mask")
+    return True

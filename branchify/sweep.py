@@ -245,15 +245,7 @@ class SweepResult:
 
 def default_candidates(model: nn.Module, example_inputs) -> list[str]:
     """The exit points of ``model`` below 99% of its MACs (an exit at the very end saves nothing)."""
-    try:
-        points = list_exit_points(model, example_inputs)
-    except BranchifyError:
-        raise
-    except Exception as err:  # torch.fx cannot trace it; the hook fallback needs named modules
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BranchifyError(
-            f"cannot list the exit points of {type(model).__name__} because torch.fx cannot trace it ({reason}); "
-            "pass candidates=[...] with module names, e.g. [name for name, _ in model.named_children()]") from None
+    points = list_exit_points(model, example_inputs)
     return [p.name for p in points if p.macs_fraction < LAST_POINT_FRACTION]
 
 

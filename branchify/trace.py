@@ -9,11 +9,12 @@ stochastic depth keeps following ``.train()``/``.eval()`` at run time. Node name
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
 
@@ -58,6 +59,23 @@ class Traced:
     model: nn.Module
     graphs: dict[bool, fx.Graph]  # keyed by training mode
     module_paths: list[str] = field(default_factory=list)
+    path: str = "fx"  # how it was captured: "fx" or "export"
+    roots: dict[bool, nn.Module] = field(default_factory=dict)  # export's modules, for its constants
+
+    def attr(self, target: str, training: bool):
+        """The parameter, buffer or module a graph's ``get_attr``/``call_module`` node names; the model's own
+        first, so that the exit module shares the model's parameters."""
+        for owner in (self.model, self.roots.get(training)):
+            if owner is None:
+                continue
+            obj = owner
+            try:
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                continue
+            return obj
+        raise BranchifyError(f"internal: graph attribute {target!r} is in neither the model nor its capture")
 
     def nodes_by_name(self, training: bool) -> dict[str, fx.Node]:
         return {n.meta.get(QUALNAME, n.name): n for n in self.graphs[training].nodes}
@@ -103,15 +121,28 @@ def restore_modes(snapshot: list[tuple[nn.Module, bool]]) -> None:
         module.training = mode
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``module`` in eval mode, then restore every submodule's mode as it was.
+
+    The mode is restored through ``module.train()`` (an exit module swaps its train and eval graphs
+    there), then flag by flag (a frozen backbone's norms keep their own flags).
+    """
+    snapshot = _snapshot_modes(module)
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+        restore_modes(snapshot)
+
+
 def trace_model(model: nn.Module, leaf_modules: list[type] | None = None) -> Traced:
     """Trace ``model`` in train and eval mode; raises ``fx`` errors as they come (for the fallback).
 
     The model's ``training`` flags are restored afterwards, module by module.
     """
-    if not isinstance(model, nn.Module):
-        raise BranchifyError(
-            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself, "
-            "e.g. torchvision.models.resnet18()")
     kwargs = _set_default_tracer_kwargs({"leaf_modules": list(leaf_modules or [])})
     snapshot = _snapshot_modes(model)
     graphs = {}
@@ -144,13 +175,3 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
 
 def depends_on_input(node: fx.Node) -> bool:
     return node.op == "placeholder" or any(a.op == "placeholder" for a in ancestors(node))
-
-
-def as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise BranchifyError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
-        "e.g. torch.randn(1, 3, 224, 224)")
