@@ -59,6 +59,7 @@ from tqdm import tqdm
 from .cost import ExitCosts, exit_costs
 from .criteria import Criterion, get_criterion, route
 from .errors import BranchifyError
+from .inputs import split_batch
 from .outputs import split_outputs
 from .spec import ExitSpec
 from .trace import restore_modes
@@ -108,17 +109,6 @@ def check_exit_module(module: nn.Module, what: str) -> ExitSpec:
     return spec
 
 
-def split_batch(batch) -> tuple[tuple, torch.Tensor]:
-    if isinstance(batch, Sequence) and not isinstance(batch, torch.Tensor) and len(batch) >= 2:
-        inputs, target = batch[0], batch[1]
-        inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-        if isinstance(target, torch.Tensor):
-            return inputs, target
-    raise BranchifyError(
-        f"the loader must yield (inputs, target) pairs with a target tensor of class indices, got a "
-        f"{type(batch).__name__}; wrap the data, e.g. torch.utils.data.TensorDataset(images, labels)")
-
-
 def module_device(module: nn.Module) -> torch.device:
     first = next(module.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
@@ -139,9 +129,8 @@ def collect_logits(module: nn.Module, loader: Iterable, *, progress: bool = True
             for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
                 inputs, target = split_batch(batch)
                 if example is None:
-                    example = tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in inputs)
-                inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-                exit_logits, final = split_outputs(module(*inputs), k)
+                    example = inputs.map(lambda x: x[:1])
+                exit_logits, final = split_outputs(inputs.map(lambda x: x.to(device)).call(module), k)
                 for store, logits in zip(exits, exit_logits):
                     store.append(logits.detach().float().cpu())
                 finals.append(final.detach().float().cpu())

@@ -80,10 +80,11 @@ def select_output(output, selector: str | int | None, *, strict: bool = True):
     if selector is None and not strict:
         return output, "the output"
     listed = ", ".join(repr(e) for e in entries) or "none"
-    kind = type(output).__name__
+    kind = type(output).__name__.removeprefix("immutable_")  # torch.fx stores a traced dict as immutable_dict
     if selector is None:
         raise BranchifyError(
             f"the model returns a {kind} (entries: {listed}) with no 'logits' entry; say which entry holds the "
-            f"logits with output=..., e.g. attach_exits(model, spec, example_inputs, output={next(iter(entries), 0)!r})")
+            f"logits with output=..., e.g. attach_exits(model, spec, example_inputs, "
+            f"output={next(iter(entries), 0)!r})")
     raise BranchifyError(f"output={selector!r}: the model returns a {kind} without that entry (entries: {listed}); "
                          "pass one of them")

@@ -118,15 +118,20 @@ class Analysis:
 
 
 def block_paths(model: nn.Module) -> list[str]:
-    """The model's children and grandchildren, and the members of containers among them."""
+    """The model's children and grandchildren, the members of containers among them, and the members of
+    containers that a module merely wraps (a transformer's ``bert.encoder.layer.3``)."""
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     paths: list[str] = []
+
+    def wraps_containers(module: nn.Module) -> bool:  # bert.encoder holds just the ModuleList of its layers
+        children = list(module.children())
+        return bool(children) and all(isinstance(c, containers) for c in children)
 
     def visit(module: nn.Module, prefix: str, depth: int) -> None:
         for name, child in module.named_children():
             path = f"{prefix}{name}"
             paths.append(path)
-            if depth < 2 or isinstance(child, containers):
+            if depth < 2 or isinstance(child, containers) or wraps_containers(child):
                 visit(child, path + ".", depth + 1)
 
     visit(model, "", 1)

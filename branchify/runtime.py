@@ -219,7 +219,7 @@ class ExitRunner:
             logits.index_copy_(0, dest, z[leave])
             exit_index.index_fill_(0, dest, i)
             # Advanced indexing keeps channels-last tensors channels-last (index_select does not).
-            values = tuple(v[keep] for v in values)
+            values = tuple(v[keep] if isinstance(v, torch.Tensor) else v for v in values)
         final = stages[k](*values)[0]
         if where is None:
             return final, exit_index
@@ -487,17 +487,32 @@ def _rules(spec: ExitSpec) -> list[_Rule]:
     return rules
 
 
-def _check_carried(stages: list[nn.Module], example: tuple[torch.Tensor, ...]) -> None:
-    """Every value carried across a cut must be a per-sample tensor, or compaction would be wrong."""
-    pairs = [torch.cat([a, a]) if isinstance(a, torch.Tensor) else a for a in example]  # batch 2 tells the batch dim
+def _carried_values(stages: list[nn.Module], example: tuple, batch: int) -> list[list]:
+    """What each cut carries for ``example`` repeated to ``batch`` samples, run on fake tensors."""
     with fake_mode() as mode:
-        values = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in pairs)
-        for i, stage in enumerate(stages[:-1]):
+        values = tuple(mode.from_tensor(torch.cat([a] * batch)) if isinstance(a, torch.Tensor) else a for a in example)
+        carried = []
+        for stage in stages[:-1]:
             values = stage(*values)
-            names = [n for n in stage.graph.nodes if n.op == "output"][0].args[0]
-            for node, value in zip(names, values):
-                if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != 2:
-                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise BranchifyError(
-                        f"value {node.name!r} crosses the cut after exit {i} but is {shape}, not a per-sample "
-                        "tensor, so the runner cannot drop the samples that leave; move the exit to another layer")
+            carried.append(list(values))
+    return carried
+
+
+def _check_carried(stages: list[nn.Module], example: tuple) -> None:
+    """Every value carried across a cut must be a per-sample tensor, or a constant (a forward argument's
+    default such as ``attn_mask=None``) that is the same whatever the batch; else compaction would be wrong."""
+    twos, threes = _carried_values(stages, example, 2), _carried_values(stages, example, 3)
+    for i, (stage, two, three) in enumerate(zip(stages, twos, threes)):
+        names = [n for n in stage.graph.nodes if n.op == "output"][0].args[0]
+        for node, value, other in zip(names, two, three):
+            if isinstance(value, torch.Tensor):
+                if value.ndim > 0 and value.shape[0] == 2 and other.shape[0] == 3:
+                    continue
+                shape = tuple(value.shape)
+            elif isinstance(value, (type(None), bool, int, float, str)) and value == other:
+                continue
+            else:
+                shape = type(value).__name__
+            raise BranchifyError(
+                f"value {node.name!r} crosses the cut after exit {i} but is {shape}, not a per-sample tensor, so the "
+                "runner cannot drop the samples that leave; move the exit to another layer")

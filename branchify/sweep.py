@@ -45,12 +45,12 @@ from .calibrate import (
     module_device,
     outcome_tables,
     select,
-    split_batch,
     text_table,
 )
 from .cost import ExitCosts, exit_costs
 from .criteria import get_criterion
 from .errors import BranchifyError
+from .inputs import split_batch
 from .points import list_exit_points
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .surgery import attach_exits
@@ -276,9 +276,8 @@ def train_heads(module: nn.Module, loader: Iterable, *, epochs: int, lr: float, 
             bar = tqdm(loader, desc=f"{desc}, epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
             for batch in bar:
                 inputs, target = split_batch(batch)
-                inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
                 target = target.to(device).long()
-                outputs = module(*inputs)
+                outputs = inputs.map(lambda x: x.to(device)).call(module)
                 loss = sum(F.cross_entropy(z, target) for z in outputs[:k])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -373,7 +372,7 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
         torch.manual_seed(seed)
         if example_inputs is None:
             inputs, _ = split_batch(next(iter(val_loader)))
-            example_inputs = tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in inputs)
+            example_inputs = inputs.map(lambda x: x[:1])
         if candidates is None:
             candidates = default_candidates(model, example_inputs)
             if not candidates:

@@ -106,10 +106,11 @@ class Traced:
         if name in self.module_paths or name in self.valid_names(not training):
             raise BranchifyError(
                 f"{what}: layer {name!r} is not computed in {mode} mode, so it cannot carry an exit.{hint}")
+        also = (", or torchvision.models.feature_extraction.get_graph_node_names(model)" if self.path == "fx"
+                else ", or [name for name, _ in model.named_modules()]")
         raise BranchifyError(
             f"{what}: unknown layer {name!r}.{hint} List the exit points with "
-            "bx.list_exit_points(model, example_inputs) (all_nodes=True for every node), or "
-            "torchvision.models.feature_extraction.get_graph_node_names(model)")
+            f"bx.list_exit_points(model, example_inputs) (all_nodes=True for every node){also}")
 
 
 def _snapshot_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:

@@ -285,7 +285,7 @@ def test_two_exits_at_the_same_node_are_rejected():
     (lambda: (lambda x: x), {"exits": [{"layer": "a"}]}, X32, r"expected a torch.nn.Module, got function"),
     (resnet18, "layer1", X32, r"spec must be a bx.ExitSpec"),
     (resnet18, {"exits": [{"layer": "layer1"}]}, [[1, 2]], r"hold no tensor with a batch dim"),
-    (resnet18, {"exits": [{"layer": "layer1"}]}, "img", r"example_inputs must be a tensor, a tuple of tensors or a dict"),
+    (resnet18, {"exits": [{"layer": "layer1"}]}, "img", r"must be a tensor, a tuple of tensors or a dict"),
 ])
 def test_wrong_argument_types_are_named(make, spec, inputs, pattern):
     with pytest.raises(bx.BranchifyError, match=pattern):

@@ -1,0 +1,163 @@
+"""Hugging Face transformers (5.x, no FX tracer of their own): captured with torch.export, exits by module path.
+
+Models are built from small configs with random weights; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from exits import check_exits, logits_of, with_mix
+from torch.utils.data import DataLoader
+
+import branchify as bx
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 12
+HIDDEN = 32
+
+
+def bert_config(**extra):
+    return dict(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=2,
+                intermediate_size=64, num_labels=3, **extra)
+
+
+def token_batch(vocab: int, offset: int = 0):
+    """``n -> the first n rows`` of one fixed batch of 8 sentences, each padded by one more position."""
+    ids = torch.randint(offset, vocab, (8, SEQ), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(8, SEQ, dtype=torch.long)
+    for i in range(8):
+        mask[i, SEQ - i:] = 0
+    return lambda n: {"input_ids": ids[:n], "attention_mask": mask[:n]}
+
+
+def pixel_batch():
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return lambda n: pixels[:n]
+
+
+CASES = {
+    "bert": (lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**bert_config())),
+             ["bert.encoder.layer.0", "bert.encoder.layer.2"], token_batch(100)),
+    "distilbert": (lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        vocab_size=100, dim=HIDDEN, n_layers=4, n_heads=2, hidden_dim=64, num_labels=3)),
+        ["distilbert.transformer.layer.0", "distilbert.transformer.layer.2"], token_batch(100)),
+    "roberta": (lambda: transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        **bert_config(max_position_embeddings=40))), ["roberta.encoder.layer.0", "roberta.encoder.layer.2"],
+        token_batch(100, offset=3)),  # ids 0-2 are RoBERTa's special tokens
+    "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, num_labels=5)), ["vit.layers.0", "vit.layers.2"], pixel_batch()),
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    return CASES[name][0]().eval()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exits_are_exact_and_routed_per_sample(name):
+    make, layers, inputs = CASES[name]
+    module = check_exits(build(name), layers, inputs, channels=[HIDDEN, HIDDEN], path="export")
+    assert all(p.layout is bx.Layout.NLC for p in module.exit_points)
+
+
+def test_padding_does_not_change_a_sentence_s_exit_logits():
+    model = build("bert")
+    inputs = token_batch(100)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="bert.encoder.layer.0"),  # mean over the real tokens
+                              bx.ExitPoint(layer="bert.encoder.layer.2", head=bx.HeadSpec(token="cls"))])
+    module = bx.attach_exits(model, spec, inputs(2))
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(4))
+    short = {"input_ids": ids, "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    pad = torch.zeros(1, 7, dtype=torch.long)
+    long = {"input_ids": torch.cat([ids, pad], 1), "attention_mask": torch.cat([short["attention_mask"], pad], 1)}
+    with torch.no_grad():
+        a, b = module(short), module(long)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # without the mask the mean would change with the padding: the check above is not vacuous
+    hidden = {}
+    handle = model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: hidden.setdefault(len(hidden), out))
+    with torch.no_grad():
+        model(**short), model(**long)
+    handle.remove()
+    assert not torch.allclose(hidden[0].mean(1), hidden[1].mean(1), atol=1e-3)
+
+
+def test_the_module_and_the_runner_take_the_dict_or_its_keywords():
+    model, (_, layers, inputs) = build("bert"), CASES["bert"]
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer=layers[0])]), inputs(1))
+    batch = inputs(8)
+    with torch.no_grad():
+        positional, named = module(batch), module(**batch)
+        assert all(torch.equal(a, b) for a, b in zip(positional, named))
+        assert torch.equal(named[-1], model(**batch).logits)
+    with_mix(module, batch)
+    runner = bx.ExitRunner(module)
+    assert torch.equal(runner(batch).exit_index, runner(**batch).exit_index)
+    with pytest.raises(bx.BranchifyError, match=r"unknown input\(s\) \['labels'\].*captured with inputs"):
+        module({**batch, "labels": torch.zeros(8, dtype=torch.long)})
+
+
+def test_loaders_of_dicts_with_labels_feed_costs_statistics_and_calibration():
+    model, (_, layers, inputs) = build("bert"), CASES["bert"]
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in layers]), inputs(1))
+    batch = inputs(8)
+    rows = [{"input_ids": batch["input_ids"][i], "attention_mask": batch["attention_mask"][i],
+             "labels": torch.tensor(i % 3)} for i in range(8)]
+    loader = DataLoader(rows, batch_size=4)
+    costs = bx.exit_costs(module, inputs(1))
+    assert costs.exits[0] < costs.exits[1] < costs.full
+    calibration = bx.calibrate(module, loader, max_accuracy_drop=0.5, progress=False)
+    assert len(calibration.spec.exits) == 2
+    stats = bx.ExitStats(calibration.spec)
+    with torch.no_grad():
+        for row in loader:
+            stats.update(module({k: v for k, v in row.items() if k != "labels"}), row["labels"])
+    summary = stats.summary()
+    assert summary.samples == 8 and sum(row.taken for row in summary.exits) == 8
+
+
+def test_an_output_entry_other_than_logits_can_be_picked():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+            self.cls = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.body(x)
+            return {"features": h, "scores": self.cls(h)}
+
+    model, x = Pair().eval(), torch.randn(5, 6)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="body.0")])
+    with pytest.raises(bx.BranchifyError, match=r"returns a dict \(entries: 'features', 'scores'\) with no 'logits'.*"
+                                                r"output="):
+        bx.attach_exits(model, spec, x)
+    module = bx.attach_exits(model, spec, x, output="scores")
+    assert torch.equal(module(x)[-1], model(x)["scores"])
+    with pytest.raises(bx.BranchifyError, match=r"output='nope'.*entries: 'features', 'scores'"):
+        bx.attach_exits(model, spec, x, output="nope")
+
+
+def test_exit_points_are_listed_by_module_path():
+    model, (_, layers, inputs) = build("bert"), CASES["bert"]
+    names = [p.name for p in bx.list_exit_points(model, inputs(1))]
+    assert {"bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2"} <= set(names)
+
+
+def test_the_final_output_is_the_model_s_logits_bit_for_bit_in_train_mode_too():
+    model, (_, layers, inputs) = build("distilbert"), CASES["distilbert"]
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer=layers[0])]), inputs(1))
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(module(inputs(8))[-1], logits_of(model(**inputs(8))))
+    module.train()
+    torch.manual_seed(3)
+    train_final = module(inputs(8))[-1]
+    model.train()
+    torch.manual_seed(3)
+    assert torch.equal(train_final, model(**inputs(8)).logits), "dropout follows the train graph"
