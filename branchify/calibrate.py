@@ -57,12 +57,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .cost import ExitCosts, exit_costs
-from .criteria import Criterion, get_criterion, route
+from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
 from .inputs import split_batch
 from .outputs import split_outputs
+from .routing import first_exit, route
 from .spec import ExitSpec
-from .trace import restore_modes
+from .trace import eval_mode
 
 __all__ = ["Calibration", "calibrate"]
 
@@ -119,12 +120,9 @@ def collect_logits(module: nn.Module, loader: Iterable, *, progress: bool = True
     """Run ``module`` once over ``loader`` in eval mode and keep every exit's logits on the CPU."""
     k = len(check_exit_module(module, "caching exit logits").exits)
     device = module_device(module)
-    snapshot = [(m, m.training) for m in module.modules()]
-    was_training = module.training
     exits: list[list[torch.Tensor]] = [[] for _ in range(k)]
     finals, targets, example = [], [], None
-    module.eval()
-    try:
+    with eval_mode(module):
         with torch.no_grad():
             for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
                 inputs, target = split_batch(batch)
@@ -135,9 +133,6 @@ def collect_logits(module: nn.Module, loader: Iterable, *, progress: bool = True
                     store.append(logits.detach().float().cpu())
                 finals.append(final.detach().float().cpu())
                 targets.append(target.detach().cpu().reshape(-1))
-    finally:
-        module.train(was_training)
-        restore_modes(snapshot)
     if example is None:
         raise BranchifyError("the loader yielded no batches; pass a loader over at least one labelled batch")
     cached = Cached([torch.cat(e) for e in exits], torch.cat(finals), torch.cat(targets), example)
@@ -343,11 +338,7 @@ def select(right: torch.Tensor, macs: torch.Tensor, *, samples: int, final_corre
 
 def route_rungs(rungs: Sequence[torch.Tensor], chosen: Sequence[int]) -> torch.Tensor:
     """The exit each sample takes when exit ``i`` uses rung ``chosen[i]``."""
-    k = len(rungs)
-    taken = torch.full_like(rungs[0], k)
-    for i in reversed(range(k)):
-        taken = torch.where(rungs[i] <= chosen[i], i, taken)
-    return taken
+    return first_exit([rung <= c for rung, c in zip(rungs, chosen)])
 
 
 # ---------------------------------------------------------------------------------------------

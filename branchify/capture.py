@@ -10,8 +10,12 @@ module path they were created in, and whose output is the model's logits.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+import io
+import logging
+import sys
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import fx, nn
@@ -19,7 +23,7 @@ from torch import fx, nn
 from .errors import BranchifyError
 from .inputs import Inputs
 from .outputs import select_output
-from .trace import QUALNAME, SCOPE, Traced, restore_modes, trace_model
+from .trace import QUALNAME, SCOPE, Traced, kept_modes, trace_model
 
 __all__ = ["CAPTURES", "capture", "check_model"]
 
@@ -119,6 +123,30 @@ def _is_check(node: fx.Node) -> bool:
     return name.startswith(("_assert", "sym_constrain_range"))
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.export logs the graph and a guard report when it fails; branchify reports the reason itself.
+
+    What export writes to stderr is held back, and passed on only when the export works.
+    """
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+        sys.stderr.write(held.getvalue())
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo",
+                   "torch.fx", "torch._functorch", "torch._subclasses")
+
+
 def _export(model: nn.Module, inputs: Inputs, selector) -> Traced:
     from torch.utils._pytree import tree_unflatten
 
@@ -126,14 +154,14 @@ def _export(model: nn.Module, inputs: Inputs, selector) -> Traced:
         raise CaptureFailed("torch.export: branchify exports models whose inputs are tensors or named tensors")
     batch = _distinct_batch(inputs)
     example = inputs.map(lambda t: t[torch.arange(batch, device=t.device) % t.shape[0]])
-    snapshot = [(m, m.training) for m in model.modules()]
     graphs, roots = {}, {}
-    try:
+    with kept_modes(model):
         for training in (True, False):
             model.train(training)
             try:
-                program = torch.export.export(model, example.args, example.kwargs,
-                                              dynamic_shapes=_dynamic_shapes(model, example), strict=False)
+                with _quiet_export():
+                    program = torch.export.export(model, example.args, example.kwargs,
+                                                  dynamic_shapes=_dynamic_shapes(model, example), strict=False)
             except BranchifyError:
                 raise
             except Exception as err:
@@ -154,8 +182,6 @@ def _export(model: nn.Module, inputs: Inputs, selector) -> Traced:
             _set_final(graph, selector, strict=True, structure=structure)
             _name_nodes(graph, model)
             graphs[training], roots[training] = graph, gm
-    finally:
-        restore_modes(snapshot)
     paths = [name for name, _ in model.named_modules() if name]
     return Traced(model, graphs, paths, path="export", roots=roots)
 

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import BranchifyError
 from .inputs import Inputs
 from .propagate import fake_mode, propagate
+from .surgery import HEAD
 from .trace import eval_mode
 
 __all__ = ["ExitCosts", "exit_costs"]
@@ -91,7 +92,7 @@ def exit_costs(module: nn.Module, example_inputs) -> ExitCosts:
     backbone, heads, running = [], [], 0.0
     for node in module.graph.nodes:
         macs = facts[node.name].macs if node.name in facts else 0.0
-        if node.op == "call_module" and str(node.target).startswith("exit_heads."):
+        if HEAD in node.meta:
             backbone.append(running / batch)
             heads.append(macs / batch)
         else:

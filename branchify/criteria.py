@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .errors import BranchifyError
 from .rows import by_rows
 
-__all__ = ["Criterion", "exit_mask", "get_criterion", "register_criterion", "registered_criteria", "route"]
+__all__ = ["Criterion", "get_criterion", "register_criterion", "registered_criteria"]
 
 ScoreFn = Callable[..., torch.Tensor]
 
@@ -134,35 +134,3 @@ _BUILTIN = {
     "distiller": Criterion("distiller", _distiller, "below", needs_labels=True),
 }
 _REGISTRY.update(_BUILTIN)
-
-
-def exit_mask(spec, index: int, logits: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """Which samples exit ``index`` of ``spec`` lets out, judged on that exit's ``logits``."""
-    thresholds = spec.thresholds
-    if thresholds is None:
-        raise BranchifyError(
-            "the spec has no thresholds, so no sample can be routed to an exit; give every ExitPoint a "
-            "threshold, or calibrate them with bx.calibrate(module, loader, max_accuracy_drop=0.01)")
-    crit = get_criterion(spec.criterion_of(index))
-    scores = crit.score(logits, target, temperature=spec.exits[index].temperature)
-    return crit.fires(scores, thresholds[index])
-
-
-def route(spec, exit_logits, target: torch.Tensor | None = None) -> torch.Tensor:
-    """The exit each sample takes: the first whose criterion fires, else ``k`` (the final exit).
-
-    Vectorised over the batch; returns an int64 tensor of shape ``(B,)``.
-
-    >>> import torch, branchify as bx
-    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.1)])
-    >>> route(spec, [torch.tensor([[9.0, 0.0], [0.0, 0.0]])]).tolist()
-    [0, 1]
-    """
-    k = len(spec.exits)
-    if len(exit_logits) != k:
-        raise BranchifyError(f"{len(exit_logits)} exit outputs for a spec with {k} exits")
-    batch = exit_logits[0].shape[0]
-    taken = torch.full((batch,), k, dtype=torch.int64, device=exit_logits[0].device)
-    for i in reversed(range(k)):  # the earliest firing exit wins, so it is written last
-        taken = torch.where(exit_mask(spec, i, exit_logits[i], target), i, taken)
-    return taken

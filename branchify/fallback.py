@@ -30,7 +30,7 @@ from .outputs import select_output
 from .points import ExitPointInfo
 from .record import Recording
 from .spec import ExitSpec, spec_attribute
-from .trace import restore_modes
+from .trace import eval_mode
 
 __all__ = ["HookExitModule", "attach_exits_with_hooks", "hook_points"]
 
@@ -63,11 +63,9 @@ def hook_points(model: nn.Module, inputs: Inputs, paths: list[str], output=None
     for i, tensor in enumerate(inputs.tensors):
         recording.input(f"input_{i}", tensor)
     seen: dict[str, tuple] = {}
-    snapshot = [(m, m.training) for m in model.modules()]
-    model.eval()
     handles = []
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             for path in paths:
                 def hook(_m, _a, out, path=path):
                     if path not in seen and isinstance(out, torch.Tensor):  # the first call counts
@@ -87,7 +85,6 @@ def hook_points(model: nn.Module, inputs: Inputs, paths: list[str], output=None
     finally:
         for handle in handles:
             handle.remove()
-        restore_modes(snapshot)
     cdims = channel_dims(recording.graph, recording.shapes)
     points = {}
     for path, (out, node, macs, order) in seen.items():

@@ -7,6 +7,7 @@ inferred shape (without the batch dim), the layout, the number of classes and th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from .errors import BranchifyError
 from .layout import Layout
 from .propagate import fake_mode
 from .spec import HeadSpec
+from .trace import eval_mode
 
 __all__ = ["GlobalPool", "MaskedPoolHead", "HeadFactory", "build_head", "register_head", "registered_heads"]
 
@@ -36,14 +38,11 @@ class GlobalPool(nn.Module):
         self.dims: list[int] = list(layout.spatial_dims)
         self.take_first = token == "cls"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.take_first:
             return x[:, 0]
         if len(self.dims) == 0:
             return x
-        if mask is not None:  # (B, L) with 1 at real tokens: padding must not move the mean
-            weights = mask.to(x.dtype).unsqueeze(-1)
-            return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         return x.mean(dim=self.dims)
 
     def extra_repr(self) -> str:
@@ -56,8 +55,9 @@ class MaskedPoolHead(nn.Sequential):
     The same layers as the head it is made from (so the same parameter names).
     """
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self[0](x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1), 1 at real tokens
+        x = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         for layer in self[1:]:
             x = layer(x)
         return x
@@ -123,14 +123,15 @@ def _fake_output_shape(layers: Sequence[nn.Module], shape: Sequence[int], what: 
 
     Eval mode and a batch of 2 keep batch norms after pooling working; the batch dim is reported as 1.
     """
-    snapshot = [(m, m.training) for layer in layers for m in layer.modules()]
-    try:
+    with contextlib.ExitStack() as modes:
+        for layer in layers:
+            modes.enter_context(eval_mode(layer))
         with fake_mode() as mode:
             x = mode.from_tensor(torch.empty(2, *shape))
             for layer in layers:
                 before = tuple(x.shape[1:])
                 try:
-                    x = layer.eval()(x)
+                    x = layer(x)
                 except Exception as err:
                     text = _first_line(err)
                     hint = ("the map shrinks below 1x1: use a smaller stride or kernel_size, or fewer convs"
@@ -141,9 +142,6 @@ def _fake_output_shape(layers: Sequence[nn.Module], shape: Sequence[int], what: 
                     raise BranchifyError(
                         f"{what}: {layer} shrinks {before} to {tuple(x.shape[1:])}; use a smaller stride or "
                         "kernel_size, or fewer convs")
-    finally:
-        for module, training in snapshot:
-            module.training = training
     return torch.Size((1, *x.shape[1:]))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from .errors import BranchifyError
 from .propagate import fake_mode
 from .record import record
-from .trace import restore_modes
+from .trace import eval_mode
 
 __all__ = ["Layout"]
 
@@ -97,16 +97,12 @@ def _leaf_channel_dim(module: nn.Module, node: torch.fx.Node, shapes: dict, cdim
     args = list(node.args)
     if node.kwargs or not args or not all(isinstance(a, torch.fx.Node) and a.name in shapes for a in args):
         return None
-    snapshot = [(m, m.training) for m in module.modules()]
     try:
-        with fake_mode(), torch.no_grad():
-            module.eval()
+        with eval_mode(module), fake_mode(), torch.no_grad():
             inputs = {f"in{i}": torch.empty(shapes[a.name]) for i, a in enumerate(args)}
             recording, out = record(module, inputs)
     except Exception:  # a leaf that does not take float inputs of these shapes: its layout stays unknown
         return None
-    finally:
-        restore_modes(snapshot)
     produced = recording.node_of(out) if isinstance(out, torch.Tensor) else None
     if produced is None:
         return None

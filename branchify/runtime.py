@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .cost import exit_costs
-from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
 from .inputs import Inputs, bind
 from .propagate import describe_inputs, fake_mode
+from .routing import exit_rules
 from .spec import ExitSpec
 from .stages import extract_stages
 
@@ -53,13 +53,6 @@ class ExitResult:
     macs: torch.Tensor
 
 
-@dataclass(frozen=True)
-class _Rule:
-    criterion: Criterion
-    threshold: float
-    temperature: float
-
-
 class _BatchExited(Exception):
     """Raised from a forward hook to stop an opaque forward once every sample has left."""
 
@@ -68,7 +61,7 @@ class ExitRunner:
     """Run a module from ``bx.attach_exits`` so that each sample stops at its exit.
 
     ``runner(x)`` returns an ``ExitResult``. Decisions are those ``bx.ExitStats`` counts in routed mode
-    on the module's outputs (``branchify.criteria.route``); logits equal the module's outputs for the
+    on the module's outputs (``branchify.routing.route``); logits equal the module's outputs for the
     same samples up to CPU kernels' batch-size-dependent rounding (about 1e-5 relative), since later
     stages run on sub-batches. ``stages`` are plain ``fx.GraphModule`` s (they script, export and
     export to ONNX) and ``heads`` the module's exit heads.
@@ -123,7 +116,7 @@ class ExitRunner:
         self._named: dict | None = None  # the names of a hook-path call's named inputs
         self._head_inputs = head_inputs or [1] * len(heads)
         self._hooks = hooks
-        self._rules = _rules(spec)
+        self._rules = exit_rules(spec, deployed=True)
         self._spec = spec
         self.stages = stages
         self.heads = heads
@@ -183,7 +176,7 @@ class ExitRunner:
     def _follow_spec(self) -> None:
         module = self._module
         if module is not None and module.exit_spec is not self._spec:
-            self._rules = _rules(module.exit_spec)
+            self._rules = exit_rules(module.exit_spec, deployed=True)
             self._spec = module.exit_spec
 
     def _route(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +191,7 @@ class ExitRunner:
         for i in range(k):
             values = stages[i](*values)
             z = heads[i](*values[:self._head_inputs[i]])
-            rule = rules[i]
-            fired = rule.criterion.fires(rule.criterion.score(z, None, rule.temperature), rule.threshold)
+            fired = rules[i].fires(z)
             leaving = int(fired.sum())  # the one host sync of this exit
             if leaving == 0:
                 continue
@@ -240,8 +232,7 @@ class ExitRunner:
                 return  # judged at the first call of the layer
             judged.add(i)
             z = heads[i](out)
-            rule = rules[i]
-            fired = rule.criterion.fires(rule.criterion.score(z, None, rule.temperature), rule.threshold) & running
+            fired = rules[i].fires(z) & running
             state["logits"] = torch.where(fired[:, None], z, state["logits"]) if "logits" in state else z
             exit_index.masked_fill_(fired, i)
             running.logical_and_(~fired)
@@ -259,6 +250,9 @@ class ExitRunner:
             return final, exit_index
         return torch.where(running[:, None], final, state["logits"]), exit_index
 
+    def _input_names(self) -> list[str]:
+        return [str(n.target) for n in self.stages[0].graph.nodes if n.op == "placeholder"]
+
     @staticmethod
     def _batch_input(inputs: tuple) -> torch.Tensor:
         return next(a for a in inputs if isinstance(a, torch.Tensor))
@@ -268,7 +262,8 @@ class ExitRunner:
         tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
         if (expected is not None and len(inputs) != expected) or not tensors or not all(
                 a.ndim > 0 and a.shape[0] == tensors[0].shape[0] for a in tensors):
-            count = "the module's inputs" if expected is None else f"{expected} input tensor(s)"
+            count = (f"{expected} input tensor(s)" if expected is not None else "the model's inputs"
+                     if self._hooks else f"the model's inputs ({', '.join(self._input_names())})")
             raise BranchifyError(
                 f"ExitRunner takes {count}, each tensor with the same batch dim, like the model's forward; got "
                 f"{describe_inputs(inputs) or 'nothing'}{self._expected()}")
@@ -467,24 +462,6 @@ def _weights_only_loads() -> Iterator[None]:
             del os.environ[key]
         else:
             os.environ[key] = before
-
-
-def _rules(spec: ExitSpec) -> list[_Rule]:
-    thresholds = spec.thresholds
-    if thresholds is None:
-        raise BranchifyError(
-            "the spec has no thresholds, so the runner cannot route any sample; give every ExitPoint a threshold, "
-            "or calibrate them with bx.calibrate(module, loader, max_accuracy_drop=0.01)")
-    rules = []
-    for i, point in enumerate(spec.exits):
-        criterion = get_criterion(spec.criterion_of(i))
-        if criterion.needs_labels:
-            raise BranchifyError(
-                f"exit {i} ({point.layer!r}) uses criterion {criterion.name!r}, which reads the labels (its score is "
-                "the loss against the target), and there are no labels at inference; use a label-free criterion "
-                "such as 'entropy' or 'confidence' (bx.calibrate can set its thresholds)")
-        rules.append(_Rule(criterion, thresholds[i], point.temperature))
-    return rules
 
 
 def _carried_values(stages: list[nn.Module], example: tuple, batch: int) -> list[list]:

@@ -23,12 +23,11 @@ import torch
 from torch import fx, nn
 
 from .errors import BranchifyError
-from .surgery import HEAD_INPUT_COPY
+from .surgery import HEAD, HEAD_INPUT_COPY
 from .trace import QUALNAME
 
 __all__ = ["Stages", "extract_stages"]
 
-HEAD_PREFIX = "exit_heads."
 _SYM_SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
@@ -94,8 +93,8 @@ def _recomputable(nodes: list[fx.Node]) -> set[fx.Node]:
 def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
     """Cut ``graph`` (an exit module's eval graph) into stages that share ``root``'s parameters.
 
-    The graph must be one ``bx.attach_exits`` made: heads are ``call_module`` nodes on
-    ``exit_heads.{k}`` and the output is ``(exit_0, ..., exit_{k-1}, final)``.
+    The graph must be one ``bx.attach_exits`` made: head ``k``'s node is tagged ``node.meta[HEAD] == k``
+    and the output is ``(exit_0, ..., exit_{k-1}, final)``.
 
     >>> import torch, torchvision, branchify as bx
     >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1.0.conv2")])
@@ -105,8 +104,7 @@ def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
     ['layer1_0_conv2', 'maxpool']
     """
     nodes = list(graph.nodes)
-    heads = sorted((n for n in nodes if n.op == "call_module" and str(n.target).startswith(HEAD_PREFIX)),
-                   key=lambda n: int(str(n.target)[len(HEAD_PREFIX):]))
+    heads = sorted((n for n in nodes if HEAD in n.meta), key=lambda n: n.meta[HEAD])
     output = nodes[-1]
     if not heads or output.op != "output" or len(output.args[0]) != len(heads) + 1:
         raise BranchifyError("extract_stages needs the eval graph of a module made by bx.attach_exits")

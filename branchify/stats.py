@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .cost import ExitCosts
-from .criteria import get_criterion, route
+from .criteria import get_criterion
 from .errors import BranchifyError
 from .outputs import split_outputs
+from .routing import route
 from .rows import by_rows
 from .spec import ExitSpec
 

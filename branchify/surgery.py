@@ -28,6 +28,7 @@ from .trace import QUALNAME, ancestors, final_output_nodes
 __all__ = ["ExitModule", "attach_exits"]
 
 HEADS = "exit_heads"
+HEAD = "branchify_exit_head"  # node.meta tag of head k's node: k
 HEAD_INPUT_COPY = "branchify_head_input_copy"  # node.meta tag of the copy a head reads
 MASK = "attention_mask"
 
@@ -235,6 +236,7 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
                 with graph.inserting_after(source):
                     args = (source, mask_node) if extra_inputs[k] else (source,)
                     heads.append(graph.create_node("call_module", f"{HEADS}.{k}", args, name=f"exit_head_{k}"))
+                    heads[-1].meta[HEAD] = k
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         output.args = ((*heads, output.args[0]),)
         output.type = None

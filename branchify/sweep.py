@@ -54,7 +54,7 @@ from .inputs import split_batch
 from .points import list_exit_points
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .surgery import attach_exits
-from .trace import restore_modes
+from .trace import kept_modes
 
 __all__ = ["FrontierPoint", "SweepResult", "SweepRow", "sweep"]
 
@@ -260,37 +260,34 @@ def train_heads(module: nn.Module, loader: Iterable, *, epochs: int, lr: float, 
     head_ids = {id(p) for p in heads}
     backbone = [p for p in module.parameters() if id(p) not in head_ids]
     flags = [p.requires_grad for p in backbone]
-    snapshot = [(m, m.training) for m in module.modules()]
-    was_training = module.training
     k = len(module.exit_heads)
     device = module_device(module)
     optimizer = torch.optim.Adam(heads, lr=lr)
     losses = []
-    try:
+    with kept_modes(module):
         for p in backbone:
             p.requires_grad_(False)
-        module.eval()
-        module.exit_heads.train()  # heads with dropout or normalisation train as heads; the backbone stays put
-        for epoch in range(epochs):
-            total, batches = 0.0, 0
-            bar = tqdm(loader, desc=f"{desc}, epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for batch in bar:
-                inputs, target = split_batch(batch)
-                target = target.to(device).long()
-                outputs = inputs.map(lambda x: x.to(device)).call(module)
-                loss = sum(F.cross_entropy(z, target) for z in outputs[:k])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                batches += 1
-                bar.set_postfix(loss=f"{total / batches / k:.3f}")
-            losses.append(total / max(batches, 1) / k)
-    finally:
-        for p, flag in zip(backbone, flags):
-            p.requires_grad_(flag)
-        module.train(was_training)
-        restore_modes(snapshot)
+        try:
+            module.eval()
+            module.exit_heads.train()  # heads with dropout or normalisation train as heads; the backbone stays put
+            for epoch in range(epochs):
+                total, batches = 0.0, 0
+                bar = tqdm(loader, desc=f"{desc}, epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+                for batch in bar:
+                    inputs, target = split_batch(batch)
+                    target = target.to(device).long()
+                    outputs = inputs.map(lambda x: x.to(device)).call(module)
+                    loss = sum(F.cross_entropy(z, target) for z in outputs[:k])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach())
+                    batches += 1
+                    bar.set_postfix(loss=f"{total / batches / k:.3f}")
+                losses.append(total / max(batches, 1) / k)
+        finally:
+            for p, flag in zip(backbone, flags):
+                p.requires_grad_(flag)
     return losses
 
 

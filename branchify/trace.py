@@ -123,20 +123,28 @@ def restore_modes(snapshot: list[tuple[nn.Module, bool]]) -> None:
 
 
 @contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Run a block with ``module`` in eval mode, then restore every submodule's mode as it was.
+def kept_modes(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block that may switch ``module``'s modes, then restore every submodule's mode as it was.
 
     The mode is restored through ``module.train()`` (an exit module swaps its train and eval graphs
-    there), then flag by flag (a frozen backbone's norms keep their own flags).
+    there), then flag by flag (a frozen backbone's norms keep their own flags). The one home of
+    mode restore: every function that runs a module in another mode goes through here.
     """
     snapshot = _snapshot_modes(module)
     was_training = module.training
-    module.eval()
     try:
         yield module
     finally:
         module.train(was_training)
         restore_modes(snapshot)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``module`` in eval mode; modes are restored as ``kept_modes`` does."""
+    with kept_modes(module):
+        module.eval()
+        yield module
 
 
 def trace_model(model: nn.Module, leaf_modules: list[type] | None = None) -> Traced:
@@ -145,14 +153,11 @@ def trace_model(model: nn.Module, leaf_modules: list[type] | None = None) -> Tra
     The model's ``training`` flags are restored afterwards, module by module.
     """
     kwargs = _set_default_tracer_kwargs({"leaf_modules": list(leaf_modules or [])})
-    snapshot = _snapshot_modes(model)
     graphs = {}
-    try:
+    with kept_modes(model):
         for training in (True, False):
             model.train(training)
             graphs[training] = _Tracer(**kwargs).trace(model)
-    finally:
-        restore_modes(snapshot)
     paths = [name for name, _ in model.named_modules() if name]
     return Traced(model, graphs, paths)
 

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import branchify as bx
-from branchify.criteria import get_criterion, route
+from branchify.criteria import get_criterion
+from branchify.routing import route
 
 
 def logits_of(output) -> torch.Tensor:

@@ -26,7 +26,7 @@ from branchify.calibrate import (
     fit_temperature,
     nll,
 )
-from branchify.criteria import route
+from branchify.routing import route
 
 CLASSES, WIDTH = 10, 128
 

@@ -12,7 +12,7 @@ from exits import check_exits, expected, spread_heads, with_mix
 from torch import nn
 
 import branchify as bx
-from branchify.criteria import route
+from branchify.routing import route
 
 X32 = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

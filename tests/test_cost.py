@@ -95,3 +95,14 @@ def test_the_hook_fallback_counts_the_same_as_the_fx_module():
 def test_exit_costs_needs_a_module_with_exits():
     with pytest.raises(bx.BranchifyError, match="made by bx.attach_exits, got ResNet"):
         bx.exit_costs(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+
+
+def test_costs_of_a_training_module_leave_its_train_graph_in_place():
+    # exit_costs runs the eval graph; it used to restore the flags but not the graph, so googlenet lost
+    # its auxiliary outputs until .train() was called again
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False)
+    x = torch.randn(2, 3, 64, 64)
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="inception3b")]), x[:1]).train()
+    bx.exit_costs(module, x[:1])
+    final = module(x)[-1]
+    assert module.training and isinstance(final, tuple) and len(final) == 3

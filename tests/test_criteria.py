@@ -5,7 +5,8 @@ import torch
 
 import branchify as bx
 from branchify import criteria, rows
-from branchify.criteria import exit_mask, get_criterion, route
+from branchify.criteria import get_criterion
+from branchify.routing import exit_rules, route
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +88,8 @@ def test_temperature_divides_the_logits_before_scoring():
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5, temperature=3.0)])
     cold = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5)])
     logits = torch.tensor([[4.0, 0.0, 0.0]])  # entropy 0.07 at T=1, 0.8 at T=3
-    assert exit_mask(cold, 0, logits).tolist() == [True]
-    assert exit_mask(spec, 0, logits).tolist() == [False]
+    assert exit_rules(cold)[0].fires(logits).tolist() == [True]
+    assert exit_rules(spec)[0].fires(logits).tolist() == [False]
 
 
 def test_register_criterion_is_usable_in_a_spec_and_per_exit():
@@ -98,7 +99,7 @@ def test_register_criterion_is_usable_in_a_spec_and_per_exit():
                               bx.ExitPoint(layer="b", threshold=1.0)])
     assert spec.criterion_of(0) == "top_logit" and spec.criterion_of(1) == "entropy"
     logits = torch.tensor([[3.0, 0.0], [0.5, 0.4]])
-    assert exit_mask(spec, 0, logits).tolist() == [True, False]
+    assert exit_rules(spec)[0].fires(logits).tolist() == [True, False]
 
 
 def test_register_criterion_rejects_bad_input():

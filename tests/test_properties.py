@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import branchify as bx
-from branchify.criteria import get_criterion, route
+from branchify.criteria import get_criterion
+from branchify.routing import route
 
 
 @pytest.fixture(autouse=True, scope="module")

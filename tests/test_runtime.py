@@ -16,7 +16,8 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 
 import branchify as bx
-from branchify.criteria import get_criterion, route
+from branchify.criteria import get_criterion
+from branchify.routing import route
 
 
 class Tiny(nn.Module):

@@ -144,7 +144,7 @@ def test_an_output_entry_other_than_logits_can_be_picked():
 
 
 def test_exit_points_are_listed_by_module_path():
-    model, (_, layers, inputs) = build("bert"), CASES["bert"]
+    model, inputs = build("bert"), CASES["bert"][2]
     names = [p.name for p in bx.list_exit_points(model, inputs(1))]
     assert {"bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2"} <= set(names)
 
@@ -161,3 +161,19 @@ def test_the_final_output_is_the_model_s_logits_bit_for_bit_in_train_mode_too():
     model.train()
     torch.manual_seed(3)
     assert torch.equal(train_final, model(**inputs(8)).logits), "dropout follows the train graph"
+
+
+def test_a_sweep_takes_dict_batches_with_labels_and_lists_module_paths():
+    model = build("bert")
+    batch = token_batch(100)(8)
+    pairs = [({"input_ids": batch["input_ids"][i:i + 4], "attention_mask": batch["attention_mask"][i:i + 4]},
+              torch.arange(i, i + 4) % 3) for i in (0, 4)]
+    result = bx.sweep(model, pairs, pairs, epochs=1, max_exits=1, progress=False)
+    layers = [row.layer for row in result.table]
+    assert {"bert.encoder.layer.0", "bert.encoder.layer.1"} <= set(layers)
+    assert all(row.macs_fraction < 1 for row in result.table)
+
+
+def test_vit_exit_points_are_listed_by_module_path():
+    names = [p.name for p in bx.list_exit_points(build("vit"), pixel_batch()(1))]
+    assert {"vit.layers.0", "vit.layers.1", "vit.layers.2"} <= set(names)
