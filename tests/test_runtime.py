@@ -511,3 +511,18 @@ def test_training_mode_and_foreign_modules_are_refused():
         module.eval()
     with pytest.raises(bx.BranchifyError, match="attach_exits"):
         bx.ExitRunner(Tiny())
+
+
+def test_a_failure_inside_a_stage_is_not_reported_as_the_user_s_input():
+    # a foreign error (out of memory here) used to come back as "pass inputs shaped like the ones the
+    # module was built for"
+    module = built("tiny")
+    runner = bx.ExitRunner(module)
+    x = batch("tiny")
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    runner._run_stages = [out_of_memory, *runner._run_stages[1:]]
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        runner(x)
