@@ -59,6 +59,7 @@ from tqdm import tqdm
 from .cost import ExitCosts, exit_costs
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
+from .exits import exit_module
 from .inputs import split_batch
 from .outputs import split_outputs
 from .routing import first_exit, route
@@ -101,15 +102,6 @@ class Cached:
         return torch.stack([z.argmax(dim=-1) == self.targets for z in logits])
 
 
-def check_exit_module(module: nn.Module, what: str) -> ExitSpec:
-    spec = getattr(module, "exit_spec", None)
-    if not isinstance(spec, ExitSpec) or not hasattr(module, "exit_heads"):
-        raise BranchifyError(
-            f"{what} needs a module made by bx.attach_exits, got {type(module).__name__}; "
-            "build one with bx.attach_exits(model, spec, example_inputs)")
-    return spec
-
-
 def module_device(module: nn.Module) -> torch.device:
     first = next(module.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
@@ -118,7 +110,7 @@ def module_device(module: nn.Module) -> torch.device:
 def collect_logits(module: nn.Module, loader: Iterable, *, progress: bool = True,
                    desc: str = "caching exit logits") -> Cached:
     """Run ``module`` once over ``loader`` in eval mode and keep every exit's logits on the CPU."""
-    k = len(check_exit_module(module, "caching exit logits").exits)
+    k = len(exit_module(module, "caching exit logits").exit_spec.exits)
     device = module_device(module)
     exits: list[list[torch.Tensor]] = [[] for _ in range(k)]
     finals, targets, example = [], [], None
@@ -464,7 +456,7 @@ class Calibration:
         ``module`` must carry the same exits (``bx.attach_exits`` with ``spec`` or the module that
         was calibrated); its own thresholds are ignored in favour of ``self.spec``'s.
         """
-        spec = check_exit_module(module, "Calibration.evaluate")
+        spec = exit_module(module, "Calibration.evaluate").exit_spec
         if spec.layers != self.spec.layers:
             raise BranchifyError(
                 f"the module's exits {spec.layers} differ from the calibrated ones {self.spec.layers}; "
@@ -756,7 +748,7 @@ def calibrate(module: nn.Module, loader: Iterable, *, max_accuracy_drop: float |
     >>> cal.met, cal.mac_fraction <= 0.9, len(cal.spec.thresholds)
     (True, True, 2)
     """
-    spec = check_exit_module(module, "calibrate")
+    spec = exit_module(module, "calibrate").exit_spec
     if (max_accuracy_drop is None) == (mac_budget is None):
         given = "both" if max_accuracy_drop is not None else "neither"
         raise BranchifyError(

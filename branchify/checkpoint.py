@@ -23,8 +23,9 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from .errors import BranchifyError
+from .exits import HEADS, exit_module
 from .spec import ExitSpec
-from .surgery import HEADS, attach_exits
+from .surgery import attach_exits
 
 __all__ = ["FORMAT_VERSION", "load", "save"]
 
@@ -41,13 +42,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return sha.hexdigest()
 
 
-def _check_module(module: nn.Module) -> ExitSpec:
-    spec = getattr(module, "exit_spec", None)
-    if not isinstance(spec, ExitSpec) or not hasattr(module, HEADS):
-        raise BranchifyError(f"save needs a module made by bx.attach_exits, got {type(module).__name__}")
-    return spec
-
-
 def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool = True) -> Path:
     """Write ``module``'s spec and weights to a safetensors file at ``path``, atomically.
 
@@ -61,7 +55,7 @@ def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool =
     >>> all(torch.equal(a, b) for a, b in zip(again.eval()(x), module.eval()(x)))
     True
     """
-    spec = _check_module(module)
+    spec = exit_module(module, "save").exit_spec
     state = module.state_dict()
     sharded = sorted(k for k, v in state.items() if type(v) is not torch.Tensor)
     if sharded:

@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import BranchifyError
+from .exits import HEAD, exit_module
 from .inputs import Inputs
 from .propagate import fake_mode, propagate
-from .surgery import HEAD
 from .trace import eval_mode
 
 __all__ = ["ExitCosts", "exit_costs"]
@@ -80,14 +80,12 @@ def exit_costs(module: nn.Module, example_inputs) -> ExitCosts:
     >>> round(costs.original / 1e9, 3), costs.exits[0] < costs.exits[1] < costs.full
     (4.089, True)
     """
-    heads_list = getattr(module, "exit_heads", None)
-    if heads_list is None or not hasattr(module, "exit_spec"):
-        raise BranchifyError(
-            f"exit_costs needs a module made by bx.attach_exits, got {type(module).__name__}")
-    inputs = Inputs.of(example_inputs)
+    return exit_module(module, "exit_costs").exit_costs(Inputs.of(example_inputs))
+
+
+def graph_costs(module: nn.Module, inputs: Inputs) -> ExitCosts:
+    """``exit_costs`` of a module with a graph: one pass with fake tensors over it."""
     batch = inputs.check_batch("exit_costs")
-    if getattr(module, "exit_path", "fx") == "hooks":
-        return _hook_costs(module, inputs, batch)
     facts, _ = propagate(module, inputs)
     backbone, heads, running = [], [], 0.0
     for node in module.graph.nodes:
@@ -100,7 +98,9 @@ def exit_costs(module: nn.Module, example_inputs) -> ExitCosts:
     return _costs(backbone, heads, running / batch)
 
 
-def _hook_costs(module: nn.Module, inputs: Inputs, batch: int) -> ExitCosts:
+def hook_costs(module: nn.Module, inputs: Inputs) -> ExitCosts:
+    """``exit_costs`` of a hook-path module: one real forward, counted."""
+    batch = inputs.check_batch("exit_costs")
     seen: dict[int, tuple[float, tuple[int, ...]]] = {}
     with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
         module.run_with_hooks(  # the first call of an exit layer counts, as in the forward

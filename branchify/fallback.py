@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import BranchifyError
+from .exits import Exits
 from .heads import build_head
 from .inputs import Inputs
 from .layout import Layout, channel_dims, choose_layout, layout_of
@@ -94,7 +95,7 @@ def hook_points(model: nn.Module, inputs: Inputs, paths: list[str], output=None
     return points, final, total
 
 
-class HookExitModule(nn.Module):
+class HookExitModule(nn.Module, Exits):
     """A model with exit heads fed by forward hooks; forward returns ``(exit_0, ..., final)``.
 
     Same attributes as ``ExitModule``; ``exit_path == "hooks"``. ``layer_paths`` are the hooked
@@ -118,6 +119,14 @@ class HookExitModule(nn.Module):
         self.exit_heads.train(model.training)
 
     exit_spec = spec_attribute("execution order")
+
+    def exit_costs(self, inputs):
+        from .cost import hook_costs
+
+        return hook_costs(self, inputs)
+
+    def stages(self):
+        return None  # an opaque forward: nothing to cut
 
     def run_with_hooks(self, hook, *args, **kwargs):
         """Run the model with ``hook(index, output)`` called after each exit layer; returns the logits."""

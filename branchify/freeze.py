@@ -7,7 +7,7 @@ import functools
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import BranchifyError
+from .exits import exit_module
 
 __all__ = ["freeze_backbone", "unfreeze_backbone"]
 
@@ -87,9 +87,6 @@ def unfreeze_backbone(module: nn.Module) -> nn.Module:
 
 
 def _backbone_modules(module: nn.Module) -> list[nn.Module]:
-    heads = getattr(module, "exit_heads", None)
-    if not isinstance(heads, nn.Module):
-        raise BranchifyError(
-            f"freezing needs a module made by bx.attach_exits (one with exit_heads), got {type(module).__name__}")
+    heads = exit_module(module, "freezing").exit_heads
     inside = {id(m) for m in heads.modules()}
     return [m for m in module.modules() if id(m) not in inside]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BranchifyError
+from .exits import Exits
 from .outputs import split_outputs
 from .spec import ExitSpec
 
@@ -48,7 +49,7 @@ class EarlyExitLoss(nn.Module):
                  label_smoothing: float = 0.0, distill_alpha: float = 0.0, distill_temperature: float = 1.0) -> None:
         super().__init__()
         if not isinstance(spec, ExitSpec):
-            made = hasattr(spec, "exit_spec")
+            made = isinstance(spec, Exits)
             hint = " (for a module made by bx.attach_exits, pass module.exit_spec)" if made else ""
             raise BranchifyError(f"EarlyExitLoss needs a bx.ExitSpec, got {type(spec).__name__}{hint}")
         self.num_exits = len(spec.exits)

@@ -21,11 +21,11 @@ from torch import nn
 
 from .cost import exit_costs
 from .errors import BranchifyError
+from .exits import exit_module
 from .inputs import Inputs, bind
 from .propagate import describe_inputs, fake_mode
 from .routing import exit_rules
 from .spec import ExitSpec
-from .stages import extract_stages
 
 __all__ = ["ExitResult", "ExitRunner"]
 
@@ -92,13 +92,9 @@ class ExitRunner:
     """
 
     def __init__(self, module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> None:
-        spec = getattr(module, "exit_spec", None)
-        if not isinstance(spec, ExitSpec) or not hasattr(module, "exit_heads"):
-            raise BranchifyError(
-                f"ExitRunner needs a module made by bx.attach_exits, got {type(module).__name__}; "
-                "e.g. bx.ExitRunner(bx.attach_exits(model, spec, example_inputs))")
-        hooks = getattr(module, "exit_path", "fx") == "hooks"
-        cut = None if hooks else extract_stages(module, module._graphs[False])
+        spec = exit_module(module, "ExitRunner").exit_spec
+        cut = module.stages()
+        hooks = cut is None
         param = next((p for p in module.parameters() if p.is_floating_point()), None)
         self._setup(module=module.eval(), spec=spec, stages=[] if cut is None else list(cut.modules),
                     heads=list(module.exit_heads), num_classes=int(module.num_classes), num_inputs=None,

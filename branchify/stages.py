@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .errors import BranchifyError
-from .surgery import HEAD, HEAD_INPUT_COPY
+from .exits import HEAD, HEAD_INPUT_COPY
 from .trace import QUALNAME
 
 __all__ = ["Stages", "extract_stages"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .cost import ExitCosts
 from .criteria import get_criterion
 from .errors import BranchifyError
+from .exits import Exits
 from .outputs import split_outputs
 from .routing import route
 from .rows import by_rows
@@ -204,7 +205,7 @@ class ExitStats:
     def __init__(self, spec: ExitSpec, *, topk: Sequence[int] = (1, 5), mode: Mode = "routed",
                  costs: ExitCosts | None = None) -> None:
         if not isinstance(spec, ExitSpec):
-            made = hasattr(spec, "exit_spec")
+            made = isinstance(spec, Exits)
             hint = " (for a module made by bx.attach_exits, pass module.exit_spec)" if made else ""
             raise BranchifyError(f"ExitStats needs a bx.ExitSpec, got {type(spec).__name__}{hint}")
         if mode not in ("routed", "forced"):

@@ -18,6 +18,7 @@ from torch.fx.graph_module import _assign_attr
 
 from .capture import capture as capture_graphs
 from .errors import BranchifyError
+from .exits import HEAD, HEAD_INPUT_COPY, HEADS, Exits
 from .heads import build_head, masked
 from .inputs import Inputs
 from .layout import Layout, choose_layout
@@ -27,13 +28,10 @@ from .trace import QUALNAME, ancestors, final_output_nodes
 
 __all__ = ["ExitModule", "attach_exits"]
 
-HEADS = "exit_heads"
-HEAD = "branchify_exit_head"  # node.meta tag of head k's node: k
-HEAD_INPUT_COPY = "branchify_head_input_copy"  # node.meta tag of the copy a head reads
 MASK = "attention_mask"
 
 
-class ExitModule(fx.GraphModule):
+class ExitModule(fx.GraphModule, Exits):
     """A traced model with exit heads; ``forward`` returns ``(exit_0, ..., exit_{k-1}, final)``.
 
     Attributes: ``exit_spec`` (the spec, exits in graph order), ``exit_heads`` (``nn.ModuleList``),
@@ -66,6 +64,16 @@ class ExitModule(fx.GraphModule):
         self.exit_heads.train(training)
 
     exit_spec = spec_attribute("graph order")
+
+    def exit_costs(self, inputs):
+        from .cost import graph_costs
+
+        return graph_costs(self, inputs)
+
+    def stages(self):
+        from .stages import extract_stages
+
+        return extract_stages(self, self._graphs[False])
 
     def __call__(self, *args, **kwargs):
         if self.keyword_inputs and len(args) == 1 and not kwargs and isinstance(args[0], Mapping):

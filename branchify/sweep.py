@@ -50,6 +50,7 @@ from .calibrate import (
 from .cost import ExitCosts, exit_costs
 from .criteria import get_criterion
 from .errors import BranchifyError
+from .exits import exit_module
 from .inputs import split_batch
 from .points import list_exit_points
 from .spec import ExitPoint, ExitSpec, HeadSpec
@@ -135,9 +136,7 @@ class SweepResult:
 
     def load_heads(self, module: nn.Module) -> nn.Module:
         """Copy the trained head weights into a module made by ``bx.attach_exits`` (matched by layer)."""
-        spec = getattr(module, "exit_spec", None)
-        if not isinstance(spec, ExitSpec) or not hasattr(module, "exit_heads"):
-            raise BranchifyError(f"load_heads needs a module made by bx.attach_exits, got {type(module).__name__}")
+        spec = exit_module(module, "load_heads").exit_spec
         for i, layer in enumerate(spec.layers):
             if layer not in self.head_state_dicts:
                 raise BranchifyError(
