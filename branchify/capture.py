@@ -99,7 +99,13 @@ def _dynamic_shapes(model: nn.Module, inputs: Inputs):
     from torch.export import Dim
 
     def dims(value):
-        return {i: Dim.AUTO for i in range(value.ndim)} if isinstance(value, torch.Tensor) else None
+        # token ids and masks vary in length as well as in number; images keep their size (exporting every
+        # dim of an image dynamic costs minutes on some models and buys nothing)
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.is_floating_point() or value.is_complex():
+            return {0: Dim.AUTO}
+        return {i: Dim.AUTO for i in range(value.ndim)}
 
     signature = inspect.signature(model.forward)
     bound = signature.bind(*inputs.args, **inputs.kwargs)

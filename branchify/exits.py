@@ -3,8 +3,9 @@
 ``bx.attach_exits`` returns one of two implementations: ``ExitModule`` (a graph from torch.fx or
 torch.export) and ``HookExitModule`` (forward hooks on an uncaptured model). Both carry the same
 attributes and answer the same questions by method, so no caller asks which one it holds:
-``exit_costs`` (what each exit costs, per sample) and ``stages`` (the graph cut at the exits, or
-None when there is no graph to cut).
+``exit_costs`` (what each exit costs, per sample) and ``exit_stages`` (the graph cut at the exits,
+or None when there is no graph to cut). Every name starts with ``exit_``: an exit module carries the
+model's own attributes too (timm's ``stages``), and they must never collide.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Exits:
         """Per-sample MACs of each exit for inputs shaped like ``inputs``."""
         raise NotImplementedError
 
-    def stages(self) -> Stages | None:
+    def exit_stages(self) -> Stages | None:
         """The eval graph cut into one stage per stretch between exits; None without a graph."""
         raise NotImplementedError
 

@@ -125,7 +125,7 @@ class HookExitModule(nn.Module, Exits):
 
         return hook_costs(self, inputs)
 
-    def stages(self):
+    def exit_stages(self):
         return None  # an opaque forward: nothing to cut
 
     def run_with_hooks(self, hook, *args, **kwargs):

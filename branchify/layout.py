@@ -195,8 +195,9 @@ def _cat_channel_dim(node: torch.fx.Node, cdims: dict[str, int], shapes: dict, n
     return known.pop() if len(known) == 1 else None
 
 
-_MOVING = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "reshape", "view", "_unsafe_view",
-           "flatten", "unflatten", "squeeze", "unsqueeze", "mT", "mH", "T", "H", "t", "adjoint", "select", "slice"}
+_MOVING = {"getitem", "__getitem__", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis",
+           "reshape", "view", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "mT", "mH", "T", "H",
+           "t", "adjoint", "select", "slice"}
 
 
 def _moved_channel_dim(node: torch.fx.Node, name: str, cdim: int, in_shape: tuple[int, ...],
@@ -218,12 +219,41 @@ def _moved_channel_dim(node: torch.fx.Node, name: str, cdim: int, in_shape: tupl
         return _reshaped_channel_dim(in_shape, cdim, out_shape)
     if name == "slice" and rest and isinstance(rest[0], int) and len(out_shape) == ndim:
         return cdim if rest[0] % ndim != cdim else None
+    if name in ("getitem", "__getitem__") and rest:
+        return _indexed_channel_dim(rest[0], ndim, cdim)
     if name == "select" and rest and isinstance(rest[0], int):
         dim = rest[0] % ndim
         return None if dim == cdim else cdim - 1 if dim < cdim else cdim
     return None
 
 
+
+
+def _indexed_channel_dim(index, ndim: int, cdim: int) -> int | None:
+    """Where the channel dim lands after basic indexing (``x[:, 1:]``, ``x[..., 0]``, ``x[None]``)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in items) or \
+            any(isinstance(i, bool) for i in items) or items.count(Ellipsis) > 1:
+        return None  # advanced (tensor) indexing: not followed
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if consumed > ndim:
+        return None
+    fill = (slice(None),) * (ndim - consumed)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + fill + items[at + 1:]
+    else:
+        items = items + fill
+    out = dim = 0
+    for item in items:
+        if item is None:
+            out += 1
+            continue
+        if dim == cdim:
+            return None if isinstance(item, int) else out
+        out += isinstance(item, slice)
+        dim += 1
+    return None
 
 
 def layout_of(shape: Sequence[int], cdim: int | None) -> Layout | None:

@@ -5,7 +5,7 @@ input. It is the graph of the models no tracer captures (data-dependent control 
 leaf module's inside, so that the one layout analysis (``branchify.layout``) reads the same kind of
 graph whatever captured the model. Every torch function and tensor method called on a recorded
 tensor becomes a ``call_function`` node whose target is that function; tensors the graph did not
-produce (parameters, constants) appear as ``None`` arguments.
+produce (parameters, constants) and other objects appear as the ``UNRECORDED`` argument.
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ from torch import fx
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["Recording", "record"]
+__all__ = ["UNRECORDED", "Recording", "record"]
+
+
+class _Unrecorded:
+    """An argument the recording does not follow (a parameter, a constant tensor, an arbitrary object)."""
+
+    def __repr__(self) -> str:
+        return "UNRECORDED"
+
+
+UNRECORDED = _Unrecorded()
 
 
 class Recording(TorchFunctionMode):
@@ -69,10 +79,10 @@ class Recording(TorchFunctionMode):
 
     def _as_arg(self, value):
         if isinstance(value, torch.Tensor):
-            return self._nodes.get(id(value))
-        if isinstance(value, (int, float, bool, str, slice, type(None), torch.dtype, torch.device)):
+            return self._nodes.get(id(value), UNRECORDED)
+        if isinstance(value, (int, float, bool, str, slice, type(None), type(Ellipsis), torch.dtype, torch.device)):
             return value
-        return None
+        return UNRECORDED
 
 
 def record(fn: Callable, inputs: dict[str, torch.Tensor], *args, **kwargs) -> tuple[Recording, object]:

@@ -93,7 +93,7 @@ class ExitRunner:
 
     def __init__(self, module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> None:
         spec = exit_module(module, "ExitRunner").exit_spec
-        cut = module.stages()
+        cut = module.exit_stages()
         hooks = cut is None
         param = next((p for p in module.parameters() if p.is_floating_point()), None)
         self._setup(module=module.eval(), spec=spec, stages=[] if cut is None else list(cut.modules),

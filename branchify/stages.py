@@ -69,14 +69,78 @@ def _defined_in_stage(nodes: list[fx.Node], anchors: list[fx.Node]) -> dict[fx.N
     return stage
 
 
-def _recomputable(nodes: list[fx.Node]) -> set[fx.Node]:
-    """Nodes a later stage recomputes rather than receives: input-free values and shape arithmetic."""
-    free: set[fx.Node] = set()
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument (``x[i] = v``, ``x.fill_(0)``, ``aten.index_put_``)."""
+    if node.op == "call_function":
+        if node.target is operator.setitem:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        return bool(schema is not None and schema.is_mutable)
+    return node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__")
+
+
+_VIEWS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "select", "narrow", "t",
+          "flatten", "unflatten", "diagonal", "as_strided", "unfold", "__getitem__", "view_as", "expand_as"}
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s value shares memory with its first argument (so writing into it writes there)."""
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return bool(schema.returns) and schema.returns[0].alias_info is not None and not schema.is_mutable
+        return node.target is operator.getitem or getattr(node.target, "__name__", "") in _VIEWS
+    return node.op == "call_method" and node.target in _VIEWS
+
+
+def _written(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The value a write lands in, through any views of it, and those views."""
+    target, views = node.args[0], []
+    while target.op in ("call_function", "call_method") and _is_view(target) and target.args \
+            and isinstance(target.args[0], fx.Node):
+        views.append(target)
+        target = target.args[0]
+    return target, views
+
+
+def _recomputable(nodes: list[fx.Node]) -> tuple[set[fx.Node], dict[fx.Node, list[fx.Node]]]:
+    """Nodes a later stage recomputes rather than receives: input-free values and shape arithmetic.
+
+    An input-free value that is filled in place (``bias = torch.zeros(...); bias[:, :4] = 5``) is
+    recomputed together with those writes, when they are input-free too and all come before its first
+    read; otherwise it is not recomputed (a stage that needs it must receive it). Returns the nodes
+    and, per recomputed node, the writes to copy right after it.
+    """
+    position = {n: i for i, n in enumerate(nodes)}
+    blocked: set[fx.Node] = set()
+    while True:
+        free: set[fx.Node] = set()
+        for node in nodes:
+            inputs = node.all_input_nodes
+            if node not in blocked and node.op in ("get_attr", "call_module", "call_function", "call_method") \
+                    and all(a in free for a in inputs):
+                free.add(node)
+        writes: dict[fx.Node, list[fx.Node]] = {}
+        on_the_way: dict[fx.Node, set[fx.Node]] = {}
+        for node in nodes:
+            if _mutates(node) and node.args and isinstance(node.args[0], fx.Node):
+                target, views = _written(node)
+                if target in free:
+                    writes.setdefault(target, []).append(node)
+                    on_the_way.setdefault(target, set()).update(views)
+        newly = set()
+        for target, mutators in writes.items():
+            reads = [u for u in target.users if u not in mutators and u not in on_the_way[target]]
+            if any(m not in free for m in mutators) or (
+                    reads and max(position[m] for m in mutators) > min(position[u] for u in reads)):
+                newly.add(target)
+        if not newly:
+            break
+        blocked |= newly
     shape: set[fx.Node] = set()
     for node in nodes:
         inputs = node.all_input_nodes
-        if node.op in ("get_attr", "call_module", "call_function", "call_method") and all(a in free for a in inputs):
-            free.add(node)
+        if node in free:
             continue
         reads_shape = (
             (node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
@@ -87,7 +151,7 @@ def _recomputable(nodes: list[fx.Node]) -> set[fx.Node]:
         if reads_shape or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS and inputs
                            and all(a in shape or a in free for a in inputs)):
             shape.add(node)
-    return free | shape
+    return free | shape, writes
 
 
 def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
@@ -119,7 +183,7 @@ def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
                              "the runtime needs a classifier whose eval output is a (batch, classes) tensor")
     body = [n for n in nodes if n not in heads and n not in copies and n is not output]
     stage_of = _defined_in_stage(body, anchors)
-    recompute = _recomputable(body)
+    recompute, writes = _recomputable(body)
     num_stages = len(anchors) + 1
 
     # What each stage reads from earlier stages, after recomputing what can be recomputed.
@@ -156,12 +220,12 @@ def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
         sources = [n for n in body if n.op == "placeholder"] if stage == 0 else carried[stage - 1]
         result = carried[stage] if stage < len(anchors) else [final]
         members = [n for n in body if stage_of[n] == stage and n.op != "placeholder"]
-        modules.append(_build(root, sources, members, result, recompute, f"ExitStage{stage}"))
+        modules.append(_build(root, sources, members, result, recompute, writes, f"ExitStage{stage}"))
     return Stages(modules, [[n.name for n in c] for c in carried], [1 + len(e) for e in extras])
 
 
 def _build(root: nn.Module, sources: list[fx.Node], members: list[fx.Node], result: list[fx.Node],
-           recompute: set[fx.Node], class_name: str) -> fx.GraphModule:
+           recompute: set[fx.Node], writes: dict[fx.Node, list[fx.Node]], class_name: str) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for source in sources:
@@ -175,6 +239,8 @@ def _build(root: nn.Module, sources: list[fx.Node], members: list[fx.Node], resu
                 raise BranchifyError(
                     f"internal: node {node.meta.get(QUALNAME, node.name)!r} is read across a cut but not carried")
             env[node] = graph.node_copy(node, value)
+            for write in writes.get(node, ()):  # the in-place fills of a recomputed value come with it
+                env[write] = graph.node_copy(write, value)
         return env[node]
 
     for node in members:

@@ -70,7 +70,7 @@ class ExitModule(fx.GraphModule, Exits):
 
         return graph_costs(self, inputs)
 
-    def stages(self):
+    def exit_stages(self):
         from .stages import extract_stages
 
         return extract_stages(self, self._graphs[False])

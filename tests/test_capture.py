@@ -259,3 +259,75 @@ def test_capture_can_be_forced_and_bad_names_are_refused():
         bx.attach_exits(model, spec, X32[:1], capture="graph")
     with pytest.raises(bx.BranchifyError, match=r"capture='fx': torch.fx: .*try capture='export'"):
         bx.attach_exits(DataDependent(), spec, X32[:1], capture="fx")
+
+
+def test_a_model_with_a_child_named_like_a_protocol_method_keeps_it():
+    # timm's convnext, levit, maxvit, poolformer, fastvit... have a child called `stages`
+    model = nn.Sequential()
+    model.add_module("stages", nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(8, 10))
+    module = bx.attach_exits(model.eval(), bx.ExitSpec(exits=[bx.ExitPoint(layer="stages.0")]), X32[:1])
+    with torch.no_grad():
+        assert torch.equal(module(X32)[-1], model(X32))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_constant_filled_in_place_is_rebuilt_with_its_writes_in_every_stage(capture):
+    # timm's ConViT builds tensors in forward and fills them in place (through a view on the export path)
+    class Filled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.conv1(x)
+            bias = torch.zeros(1, 8, 1, 1)
+            bias[:, :4] = 5.0
+            return self.fc(self.conv2(x + bias).mean((2, 3)))
+
+    model = Filled().eval()
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="conv1", threshold=0.0)])  # nobody leaves: the final stage runs
+    module = bx.attach_exits(model, spec, X32[:1], capture=capture)
+    with torch.no_grad():
+        assert torch.equal(bx.ExitRunner(module)(X32).logits, model(X32))
+
+
+class DropClassToken(nn.Module):
+    def forward(self, t):
+        return t[:, 1:]
+
+
+class ToMap(nn.Module):
+    def forward(self, t):
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], 8, 8)
+
+
+class ClassToken(nn.Module):
+    """PiT-like: tokens with a class token, the class token dropped by t[:, 1:], back to a map."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 16))
+        self.mix = nn.Linear(16, 16)
+        self.drop = DropClassToken()
+        self.to_map = ToMap()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        e = self.embed(x)
+        t = torch.cat([self.cls.expand(e.shape[0], -1, -1), e.flatten(2).transpose(1, 2)], 1)
+        return self.fc(self.to_map(self.drop(self.mix(t))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "hooks"])
+def test_basic_indexing_keeps_track_of_the_channels(capture):
+    model = ClassToken().eval()
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="drop"), bx.ExitPoint(layer="to_map")])
+    module = bx.attach_exits(model, spec, X32[:1], capture=capture)  # "cannot tell the layout" before the fix
+    assert [p.layout for p in module.exit_points] == [bx.Layout.NLC, bx.Layout.NCHW]
+    assert [first_linear(h).in_features for h in module.exit_heads] == [16, 16]
