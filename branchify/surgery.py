@@ -93,19 +93,34 @@ class ExitModule(fx.GraphModule, Exits):
             self.recompile()
         return super().train(mode)
 
-    def __deepcopy__(self, memo: dict) -> ExitModule:
+    def _parts(self) -> tuple[type, dict, dict, dict]:
+        """What rebuilds this module: its class, the objects its graphs name, the graphs, the rest."""
         targets = {node.target for graph in self._graphs.values() for node in graph.nodes
                    if node.op in ("get_attr", "call_module")}
         targets |= {f"{HEADS}.{i}" for i in range(len(self.exit_heads))}
-        root = {t: copy.deepcopy(_get_attr(self, t), memo) for t in sorted(targets)}
-        graphs = {mode: copy.deepcopy(graph) for mode, graph in self._graphs.items()}
+        root = {t: _get_attr(self, t) for t in sorted(targets)}
         # type(self) is torch.fx's per-instance GraphModuleImpl; constructing through it skips __init__.
         cls = next(c for c in type(self).__mro__ if not c.__qualname__.endswith("GraphModuleImpl"))
-        clone = cls(root, graphs, exit_spec=self.exit_spec, exit_points=list(self.exit_points),
-                           num_classes=self.num_classes, training=self.training, exit_path=self.exit_path,
-                           keyword_inputs=self.keyword_inputs)
+        rest = dict(exit_spec=self.exit_spec, exit_points=list(self.exit_points), num_classes=self.num_classes,
+                    training=self.training, exit_path=self.exit_path, keyword_inputs=self.keyword_inputs)
+        return cls, root, self._graphs, rest
+
+    def __deepcopy__(self, memo: dict) -> ExitModule:
+        cls, root, graphs, rest = self._parts()
+        clone = cls(copy.deepcopy(root, memo), copy.deepcopy(graphs), **rest)
         memo[id(self)] = clone
         return clone
+
+    def __reduce__(self):
+        # GraphModule pickles as a plain GraphModule of its current code: the exits' state and the other
+        # mode's graph would be lost
+        cls, root, graphs, rest = self._parts()
+        detached = {mode: copy.deepcopy(graph) for mode, graph in graphs.items()}  # without their owning module
+        return _rebuild, (cls, root, detached, rest)
+
+
+def _rebuild(cls: type, root: dict, graphs: dict, rest: dict) -> ExitModule:
+    return cls(root, graphs, **rest)
 
 
 def _get_attr(module: nn.Module, target: str):

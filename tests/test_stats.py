@@ -374,8 +374,8 @@ def test_bad_options_are_rejected(kwargs, message):
 
 
 def test_a_module_instead_of_a_spec_points_to_exit_spec():
-    module = torch.nn.Linear(2, 2)
-    module.exit_spec = _spec([0.3])
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="1")]), torch.randn(1, 2))
     with pytest.raises(bx.BranchifyError, match="pass module.exit_spec"):
         bx.ExitStats(module)
 

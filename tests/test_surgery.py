@@ -11,6 +11,7 @@ from torch import nn
 import branchify as bx
 import branchify.criteria
 import branchify.heads
+import branchify.routing
 
 
 def resnet18(**kwargs):
@@ -386,6 +387,21 @@ def test_hook_fallback_judges_a_twice_called_layer_at_its_first_call_everywhere(
     scores = bx.criteria.get_criterion("entropy").score(outputs[0])
     threshold = float(scores.median())
     module.exit_spec = module.exit_spec.with_exits(threshold=[threshold])
-    expected = bx.criteria.route(module.exit_spec, list(module(x)[:-1]))
+    expected = branchify.routing.route(module.exit_spec, list(module(x)[:-1]))
     assert 0 < int((expected == 0).sum()) < 6
     assert torch.equal(bx.ExitRunner(module)(x).exit_index, expected)
+
+
+def test_an_exit_module_pickles_as_an_exit_module_with_both_graphs():
+    # GraphModule's own pickling gave back a plain GraphModule of the current graph only
+    import pickle
+
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False).eval()
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="inception3b", threshold=1.0)]),
+                             torch.randn(1, 3, 64, 64))
+    clone = pickle.loads(pickle.dumps(module))
+    assert isinstance(clone, bx.ExitModule) and clone.exit_spec == module.exit_spec
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(clone.eval()(x), module.eval()(x)))
+    assert len(clone.train()(x)[-1]) == 3  # the train graph came along: auxiliary outputs
