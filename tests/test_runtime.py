@@ -10,13 +10,13 @@ import pytest
 import torch
 import torchvision
 import zoo
+from exits import expected, spread_heads, with_mix
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 
 import branchify as bx
-from branchify.criteria import get_criterion
 from branchify.routing import route
 
 
@@ -82,40 +82,9 @@ def built(name: str) -> bx.ExitModule:
     return module
 
 
-def spread_heads(module: bx.ExitModule, x: torch.Tensor) -> None:
-    """Random heads give near-uniform outputs: spread their scores far beyond rounding."""
-    with torch.no_grad():
-        for head, logits in zip(module.exit_heads, module(x)):
-            head[-1].weight.mul_(3.0 / logits.std())
-
-
 def batch(name: str, n: int = 16) -> torch.Tensor:
     size = CASES[name][2]
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def with_mix(module: bx.ExitModule, x: torch.Tensor, criterion: str = "entropy") -> bx.ExitSpec:
-    """Thresholds that send a share of the samples to every exit, each halfway across the widest gap
-    between neighbouring scores near the wanted quantile (so rounding cannot flip a decision)."""
-    crit = get_criterion(criterion)
-    with torch.no_grad():
-        outputs = module(x)
-    k = len(module.exit_heads)
-    running = torch.ones(len(x), dtype=torch.bool)
-    thresholds = []
-    for i in range(k):
-        scores = crit.score(outputs[i]).double()
-        ranked = scores[running].sort().values
-        if crit.exits_when == "above":
-            ranked = ranked.flip(0)
-        n = len(ranked)
-        want = max(1, n // (k + 1 - i))
-        j = max(range(max(1, want - 2), min(n - 1, want + 2) + 1), key=lambda j: abs(ranked[j] - ranked[j - 1]))
-        thresholds.append(float(ranked[j - 1] + ranked[j]) / 2)
-        running &= ~crit.fires(scores, thresholds[-1])
-    spec = module.exit_spec.with_exits(threshold=thresholds, criterion=[criterion] * k)
-    module.exit_spec = spec
-    return spec
 
 
 def oracle(runner: bx.ExitRunner, x: torch.Tensor, exit_index: torch.Tensor) -> torch.Tensor:
@@ -133,11 +102,6 @@ def oracle(runner: bx.ExitRunner, x: torch.Tensor, exit_index: torch.Tensor) -> 
             if len(where) == 0:
                 break
     return logits
-
-
-def expected(outputs, exit_index: torch.Tensor) -> torch.Tensor:
-    stacked = torch.stack(list(outputs))
-    return stacked[exit_index, torch.arange(len(exit_index))]
 
 
 class OpLog(TorchDispatchMode):
