@@ -101,15 +101,14 @@ class ExitRunner:
                     dtype=None if param is None else param.dtype, device=None if param is None else param.device,
                     hooks=hooks, head_inputs=None if cut is None else cut.head_inputs)
         if example_inputs is not None:
-            values = self._bind((example_inputs,), {})
+            values, names = self._bind((example_inputs,), {})
             self._check(values)
-            self._costs(values)
+            self._costs(values, names)
 
     def _setup(self, *, module: nn.Module | None, spec: ExitSpec, stages: list[nn.Module], heads: list[nn.Module],
                num_classes: int, num_inputs: int | None, dtype: torch.dtype | None,
                device: torch.device | None, hooks: bool = False, head_inputs: list[int] | None = None) -> None:
         self._module = module
-        self._named: dict | None = None  # the names of a hook-path call's named inputs
         self._head_inputs = head_inputs or [1] * len(heads)
         self._hooks = hooks
         self._rules = exit_rules(spec, deployed=True)
@@ -125,9 +124,10 @@ class ExitRunner:
         self._macs: dict[tuple, torch.Tensor] = {}
         self._shapes: list[tuple[torch.Size, ...]] = []
 
-    def _bind(self, args: tuple, kwargs: dict) -> tuple:
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, tuple[str, ...] | None]:
         """The stage-0 inputs of a call: as the model takes them (positional, named, or one dict of named
-        tensors), with the forward's defaults filled in."""
+        tensors), with the forward's defaults filled in; and, on the hook path, the names of named inputs
+        (the model is then called with them as keywords)."""
         if len(args) == 1 and not kwargs and isinstance(args[0], (tuple, list)) and not self._hooks:
             args = tuple(args[0])  # example_inputs given as a tuple
         inputs = Inputs.of(args[0]) if len(args) == 1 and not kwargs and isinstance(args[0], Mapping) \
@@ -136,10 +136,9 @@ class ExitRunner:
             if inputs.kwargs:
                 if self._module is None:
                     raise BranchifyError("a loaded runner takes positional input tensors only")
-                self._named = inputs.kwargs
-                return tuple(inputs.kwargs.values())
-            return inputs.args
-        return bind(self.stages[0].graph, inputs, "ExitRunner")
+                return tuple(inputs.kwargs.values()), tuple(inputs.kwargs)
+            return inputs.args, None
+        return bind(self.stages[0].graph, inputs, "ExitRunner"), None
 
     def __call__(self, *args, **kwargs) -> ExitResult:
         if self._module is not None and self._module.training:
@@ -147,10 +146,9 @@ class ExitRunner:
                 "the module is in training mode (module.train() was called after the runner was built); "
                 "call module.eval() before running the runner")
         self._follow_spec()
-        self._named = None
-        inputs = self._bind(args, kwargs)
+        inputs, names = self._bind(args, kwargs)
         self._check(inputs)
-        costs = self._costs(inputs)
+        costs = self._costs(inputs, names)
         with torch.inference_mode():
             x = self._batch_input(inputs)
             if x.shape[0] == 0:
@@ -159,7 +157,7 @@ class ExitRunner:
                                   costs[empty])
             # Shapes and dtypes were checked on fake tensors (_costs) before anything ran: what fails now
             # (out of memory, the model's own checks of values) is not a shape mistake, and passes unchanged.
-            logits, exit_index = self._route_hooks(inputs) if self._hooks else self._route(inputs)
+            logits, exit_index = self._route_hooks(inputs, names) if self._hooks else self._route(inputs)
             return ExitResult(logits, exit_index, costs[exit_index])
 
     def _follow_spec(self) -> None:
@@ -207,7 +205,8 @@ class ExitRunner:
         logits.index_copy_(0, where, final)
         return logits, exit_index
 
-    def _route_hooks(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route_hooks(self, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         heads, rules = self._run_heads, self._rules
         first = self._batch_input(inputs)
         batch = first.shape[0]
@@ -229,8 +228,8 @@ class ExitRunner:
                 raise _BatchExited
 
         try:
-            if self._named is not None:
-                final = self._module.run_with_hooks(judge, **self._named)
+            if names is not None:
+                final = self._module.run_with_hooks(judge, **dict(zip(names, inputs)))
             else:
                 final = self._module.run_with_hooks(judge, *inputs)
         except _BatchExited:
@@ -270,7 +269,7 @@ class ExitRunner:
     def _expected(self) -> str:
         return f" (it has run on {self._seen_shapes()})" if self._shapes else ""
 
-    def _costs(self, inputs: tuple) -> torch.Tensor:
+    def _costs(self, inputs: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
         x = self._batch_input(inputs)
         shapes = tuple(a.shape[1:] for a in inputs if isinstance(a, torch.Tensor))
         key = (x.device, *shapes)
@@ -285,8 +284,7 @@ class ExitRunner:
                     f"programs take only those, but got {describe_inputs(inputs)}; pass inputs of that shape, or "
                     "save the runner again with example_inputs of the shape you need")
             try:
-                named = None if self._named is None else dict(zip(self._named, example))
-                per_exit = exit_costs(self._module, example if named is None else named).per_exit
+                per_exit = exit_costs(self._module, example if names is None else dict(zip(names, example))).per_exit
             except BranchifyError as err:
                 raise BranchifyError(f"the runner cannot take inputs {describe_inputs(inputs)}: {err}") from None
             if not self._hooks:
