@@ -7,7 +7,7 @@
 3
 """
 
-from .calibrate import Calibration, calibrate
+from .calibration import Calibration, calibrate
 from .checkpoint import load, save
 from .cost import ExitCosts, exit_costs
 from .criteria import register_criterion

@@ -27,7 +27,8 @@ import torchvision
 from tqdm import tqdm
 
 import branchify as bx
-from branchify.calibrate import calibrate_cached, collect_logits
+from branchify.calibration.cache import collect_logits
+from branchify.calibration.search import calibrate_cached
 from branchify.data import make_loaders
 
 EXIT_LAYERS = ("layer1", "layer2")

@@ -33,20 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .calibrate import (
-    Cached,
-    Calibration,
-    calibrate_cached,
-    candidate_thresholds,
-    collect_logits,
-    default_grid_size,
-    first_rung,
-    html_table,
-    module_device,
-    outcome_tables,
-    select,
-    text_table,
-)
+from .calibration.cache import Cached, collect_logits, module_device
+from .calibration.grid import candidate_thresholds, default_grid_size, first_rung, outcome_tables, select
+from .calibration.result import Calibration
+from .calibration.search import calibrate_cached
 from .cost import ExitCosts, exit_costs
 from .criteria import get_criterion
 from .errors import BranchifyError
@@ -55,6 +45,7 @@ from .inputs import split_batch
 from .points import list_exit_points
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .surgery import attach_exits
+from .tables import html_table, text_table
 from .trace import kept_modes
 
 __all__ = ["FrontierPoint", "SweepResult", "SweepRow", "sweep"]

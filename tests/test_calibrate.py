@@ -19,13 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import branchify as bx
-from branchify.calibrate import (
-    clopper_pearson_lower,
-    clopper_pearson_upper,
-    default_grid_size,
-    fit_temperature,
-    nll,
-)
+from branchify.calibration.bounds import clopper_pearson_lower, clopper_pearson_upper
+from branchify.calibration.grid import default_grid_size
+from branchify.calibration.temperature import fit_temperature, nll
 from branchify.routing import route
 
 CLASSES, WIDTH = 10, 128

@@ -1,0 +1,71 @@
+"""Finite-sample confidence bounds on binomial rates (Clopper-Pearson) and on the accuracy drop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _binom_cdf(x: int, n: int, p: float) -> float:
+    """P(X <= x) for X ~ Binomial(n, p)."""
+    if x < 0:
+        return 0.0
+    if x >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = torch.arange(x + 1, dtype=torch.float64)
+    log_pmf = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
+               + i * math.log(p) + (n - i) * math.log1p(-p))
+    return min(1.0, float(torch.logsumexp(log_pmf, 0).exp()))
+
+
+def _bisect(fn, low: float, high: float) -> float:
+    """The point in [low, high] where the decreasing ``fn`` crosses zero."""
+    for _ in range(80):
+        mid = (low + high) / 2
+        if fn(mid) > 0:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def clopper_pearson_upper(x: int, n: int, alpha: float) -> float:
+    """One-sided upper confidence bound (level ``1 - alpha``) on a binomial rate with ``x`` of ``n``.
+
+    >>> round(clopper_pearson_upper(0, 100, 0.05), 4)  # 1 - 0.05 ** (1 / 100)
+    0.0295
+    """
+    if x >= n:
+        return 1.0
+    return _bisect(lambda p: _binom_cdf(x, n, p) - alpha, x / n, 1.0)
+
+
+def clopper_pearson_lower(x: int, n: int, alpha: float) -> float:
+    """One-sided lower confidence bound (level ``1 - alpha``) on a binomial rate with ``x`` of ``n``.
+
+    >>> clopper_pearson_lower(0, 100, 0.05), round(clopper_pearson_lower(100, 100, 0.05), 4)
+    (0.0, 0.9705)
+    """
+    if x <= 0:
+        return 0.0
+    return _bisect(lambda p: alpha - (1.0 - _binom_cdf(x - 1, n, p)), 0.0, x / n)
+
+
+def drop_upper_bound(routed_right: torch.Tensor, final_right: torch.Tensor, delta: float) -> float:
+    """Upper bound (level ``1 - delta``) on the expected accuracy drop of routed against final predictions.
+
+    ``UCB(broken rate) - LCB(fixed rate)``, each one-sided Clopper-Pearson at level ``delta / 2``.
+
+    >>> import torch
+    >>> final = torch.ones(200, dtype=torch.bool)
+    >>> routed = torch.arange(200) >= 2  # two samples broken, none fixed
+    >>> 0.01 < drop_upper_bound(routed, final, 0.1) < 0.04
+    True
+    """
+    n = int(routed_right.numel())
+    broken = int((final_right & ~routed_right).sum())
+    fixed = int((routed_right & ~final_right).sum())
+    return clopper_pearson_upper(broken, n, delta / 2) - clopper_pearson_lower(fixed, n, delta / 2)
