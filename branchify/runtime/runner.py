@@ -1,60 +1,37 @@
-"""The early-exit runtime: every sample of a batch stops computing at the first exit that lets it out.
+"""The early-exit runner: every sample of a batch stops computing at the first exit that lets it out.
 
-The traced model is cut into stages at the exit points (``branchify.stages``). After each stage the
-runner judges the remaining samples with that exit's head and criterion, writes the logits of the
-samples that leave into the result at their batch positions, and carries only the others on, so later
-stages run on ever smaller sub-batches. Per exit it synchronises with the device at most once (to learn
-how many samples leave, which fixes the next sub-batch's size).
+It routes with ``staged`` (a traced model cut into stages) or ``hooked`` (the hook path's opaque
+forward), counts each input shape's MACs once, checks inputs before anything runs, and saves itself
+with ``archive``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .cost import exit_costs
-from .errors import BranchifyError
-from .exits import exit_module
-from .inputs import Inputs, bind
-from .propagate import describe_inputs, fake_mode
-from .routing import exit_rules
-from .spec import ExitSpec
+from ..cost import exit_costs
+from ..errors import BranchifyError
+from ..exits import exit_module
+from ..inputs import Inputs, bind
+from ..propagate import describe_inputs
+from ..routing import exit_rules
+from ..spec import ExitSpec
+from .archive import load_runner, save_runner
+from .carried import check_carried
+from .hooked import route_hooks
+from .result import ExitResult
+from .staged import route_stages
 
-__all__ = ["ExitResult", "ExitRunner"]
+__all__ = ["ExitRunner"]
 
 _FORMAT = "branchify-runner"
 _VERSION = 1
 _TABLE = "routing.json"
-
-
-@dataclass(frozen=True)
-class ExitResult:
-    """What the runner computed for a batch: logits, the exit each sample took, and what it cost.
-
-    ``logits`` is ``(B, num_classes)``; ``exit_index`` is ``(B,)`` int64, ``k`` for samples that no
-    early exit took (``k`` early exits); ``macs`` is ``(B,)`` float64, each sample's multiply-accumulates
-    as ``bx.exit_costs`` counts them for its exit.
-
-    >>> import torch, branchify as bx
-    >>> result = bx.ExitResult(torch.zeros(2, 10), torch.tensor([0, 1]), torch.tensor([1e6, 2e6]))
-    >>> result.exit_index.bincount(minlength=2).tolist()
-    [1, 1]
-    """
-
-    logits: torch.Tensor
-    exit_index: torch.Tensor
-    macs: torch.Tensor
-
-
-class _BatchExited(Exception):
-    """Raised from a forward hook to stop an opaque forward once every sample has left."""
 
 
 class ExitRunner:
@@ -157,7 +134,11 @@ class ExitRunner:
                                   costs[empty])
             # Shapes and dtypes were checked on fake tensors (_costs) before anything ran: what fails now
             # (out of memory, the model's own checks of values) is not a shape mistake, and passes unchanged.
-            logits, exit_index = self._route_hooks(inputs, names) if self._hooks else self._route(inputs)
+            if self._hooks:
+                logits, exit_index = route_hooks(self._module, self._run_heads, self._rules, inputs, names, x)
+            else:
+                logits, exit_index = route_stages(self._run_stages, self._run_heads, self._head_inputs, self._rules,
+                                                  inputs, x)
             return ExitResult(logits, exit_index, costs[exit_index])
 
     def _follow_spec(self) -> None:
@@ -165,78 +146,6 @@ class ExitRunner:
         if module is not None and module.exit_spec is not self._spec:
             self._rules = exit_rules(module.exit_spec, deployed=True)
             self._spec = module.exit_spec
-
-    def _route(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        stages, heads, rules = self._run_stages, self._run_heads, self._rules
-        k = len(rules)
-        first = self._batch_input(inputs)
-        batch = first.shape[0]
-        exit_index = torch.full((batch,), k, dtype=torch.int64, device=first.device)
-        logits = None  # allocated when some samples leave and others go on
-        where = None  # original positions of the samples still running; None while that is the whole batch
-        values = inputs
-        for i in range(k):
-            values = stages[i](*values)
-            z = heads[i](*values[:self._head_inputs[i]])
-            fired = rules[i].fires(z)
-            leaving = int(fired.sum())  # the one host sync of this exit
-            if leaving == 0:
-                continue
-            if leaving == fired.shape[0]:
-                if where is None:
-                    return z, exit_index.fill_(i)
-                logits.index_copy_(0, where, z)
-                return logits, exit_index.index_fill_(0, where, i)
-            # Leavers first, each group in batch order; argsort avoids a second sync (nonzero would sync).
-            order = torch.argsort(fired, descending=True, stable=True)
-            leave, keep = order[:leaving], order[leaving:]
-            if where is None:
-                logits = z.new_empty((batch, z.shape[1]))
-                dest, where = leave, keep
-            else:
-                dest, where = where[leave], where[keep]
-            logits.index_copy_(0, dest, z[leave])
-            exit_index.index_fill_(0, dest, i)
-            # Advanced indexing keeps channels-last tensors channels-last (index_select does not).
-            values = tuple(v[keep] if isinstance(v, torch.Tensor) else v for v in values)
-        final = stages[k](*values)[0]
-        if where is None:
-            return final, exit_index
-        logits.index_copy_(0, where, final)
-        return logits, exit_index
-
-    def _route_hooks(self, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...] | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        heads, rules = self._run_heads, self._rules
-        first = self._batch_input(inputs)
-        batch = first.shape[0]
-        exit_index = torch.full((batch,), len(rules), dtype=torch.int64, device=first.device)
-        running = torch.ones(batch, dtype=torch.bool, device=first.device)
-        state: dict[str, torch.Tensor] = {}
-        judged: set[int] = set()
-
-        def judge(i: int, out: torch.Tensor) -> None:
-            if i in judged:
-                return  # judged at the first call of the layer
-            judged.add(i)
-            z = heads[i](out)
-            fired = rules[i].fires(z) & running
-            state["logits"] = torch.where(fired[:, None], z, state["logits"]) if "logits" in state else z
-            exit_index.masked_fill_(fired, i)
-            running.logical_and_(~fired)
-            if not bool(running.any()):  # the one host sync of this exit
-                raise _BatchExited
-
-        try:
-            if names is not None:
-                final = self._module.run_with_hooks(judge, **dict(zip(names, inputs)))
-            else:
-                final = self._module.run_with_hooks(judge, *inputs)
-        except _BatchExited:
-            return state["logits"], exit_index
-        if "logits" not in state:
-            return final, exit_index
-        return torch.where(running[:, None], final, state["logits"]), exit_index
 
     def _input_names(self) -> list[str]:
         return [str(n.target) for n in self.stages[0].graph.nodes if n.op == "placeholder"]
@@ -288,7 +197,7 @@ class ExitRunner:
             except BranchifyError as err:
                 raise BranchifyError(f"the runner cannot take inputs {describe_inputs(inputs)}: {err}") from None
             if not self._hooks:
-                _check_carried(self.stages, example)
+                check_carried(self.stages, example)
             costs = self._remember(shapes, per_exit, x.device)
         return costs
 
@@ -341,52 +250,7 @@ class ExitRunner:
         ...     sorted(p.name for p in runner.save(tmp, example_inputs=torch.randn(1, 3, 16, 16)).iterdir())
         ['head_0.pt2', 'routing.json', 'stage_0.pt2', 'stage_1.pt2']
         """
-        if self._hooks:
-            raise BranchifyError(
-                "this module comes from the hook fallback (its model cannot be traced), so its forward is Python "
-                "code that cannot be saved without its source; save the model's weights instead")
-        if example_inputs is None:
-            if not self._shapes:
-                raise BranchifyError(
-                    "the runner has not seen an input yet, so it does not know the input shape to export; "
-                    "pass example_inputs=torch.randn(1, 3, 224, 224) (your input's shape) or call the runner once")
-            example_inputs = tuple(torch.zeros((2, *s), dtype=self._dtype, device=self._device)
-                                   for s in self._shapes[0])
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        self._check(inputs)
-        # Batch 2 so that export does not specialise the batch dim to 1.
-        example = tuple(torch.cat([a[:1], a[:1]]) for a in inputs)
-        self._follow_spec()
-        values = example
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        batch = torch.export.Dim("batch", min=1)
-        names = {"stages": [], "heads": []}
-        with torch.inference_mode(False), torch.no_grad():
-            for i, stage in enumerate(self.stages):
-                program = torch.export.export(stage, values, dynamic_shapes=tuple({0: batch} for _ in values))
-                names["stages"].append(f"stage_{i}.pt2")
-                torch.export.save(program, directory / names["stages"][-1])
-                values = stage(*values)
-                if i < len(self.heads):
-                    head = torch.export.export(self.heads[i], (values[0],), dynamic_shapes=({0: batch},))
-                    names["heads"].append(f"head_{i}.pt2")
-                    torch.export.save(head, directory / names["heads"][-1])
-        table = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "num_classes": self.num_classes,
-            "num_inputs": len(inputs),
-            "dtype": str(self._dtype).removeprefix("torch."),
-            "exits": [{"layer": p.layer, "criterion": self._spec.criterion_of(i), "threshold": r.threshold,
-                       "temperature": r.temperature} for i, (p, r) in enumerate(zip(self._spec.exits, self._rules))],
-            # Only the exported shape: the programs take no other.
-            "macs": [{"input_shapes": [list(a.shape[1:]) for a in example],
-                      "per_exit": self._costs(example).tolist()}],
-            **names,
-        }
-        (directory / _TABLE).write_text(json.dumps(table, indent=2) + "\n")
-        return directory
+        return save_runner(self, directory, example_inputs)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ExitRunner:
@@ -407,27 +271,7 @@ class ExitRunner:
         >>> torch.equal(loaded(x).exit_index, runner(x).exit_index)
         True
         """
-        directory = Path(directory)
-        path = directory / _TABLE
-        if not path.is_file():
-            raise BranchifyError(f"no {_TABLE} in {str(directory)!r}; pass a directory written by runner.save(dir)")
-        table = json.loads(path.read_text())
-        if table.get("format") != _FORMAT or table.get("version") != _VERSION:
-            raise BranchifyError(
-                f"{str(path)!r} is not a branchify runner table of version {_VERSION} (format "
-                f"{table.get('format')!r}, version {table.get('version')!r}); save it again with this branchify")
-        spec = ExitSpec(exits=[{"layer": e["layer"], "threshold": e["threshold"], "criterion": e["criterion"],
-                                "temperature": e["temperature"]} for e in table["exits"]])
-        with _weights_only_loads():
-            stages = [torch.export.load(directory / name).module() for name in table["stages"]]
-            heads = [torch.export.load(directory / name).module() for name in table["heads"]]
-        runner = cls.__new__(cls)
-        runner._setup(module=None, spec=spec, stages=stages, heads=heads, num_classes=int(table["num_classes"]),
-                      num_inputs=int(table["num_inputs"]), dtype=getattr(torch, table["dtype"]),
-                      device=torch.device("cpu"))
-        for entry in table["macs"]:
-            runner._remember(tuple(torch.Size(s) for s in entry["input_shapes"]), entry["per_exit"], runner._device)
-        return runner
+        return load_runner(cls, directory)
 
     def __repr__(self) -> str:
         exits = ", ".join(f"{p.layer}: {self._spec.criterion_of(i)} {r.threshold:g}"
@@ -436,47 +280,3 @@ class ExitRunner:
         return f"ExitRunner({path}; {exits})"
 
 
-@contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """torch.export.load retries with weights_only=False when a weights-only read fails; forbid that."""
-    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
-
-
-def _carried_values(stages: list[nn.Module], example: tuple, batch: int) -> list[list]:
-    """What each cut carries for ``example`` repeated to ``batch`` samples, run on fake tensors."""
-    with fake_mode() as mode:
-        values = tuple(mode.from_tensor(torch.cat([a] * batch)) if isinstance(a, torch.Tensor) else a for a in example)
-        carried = []
-        for stage in stages[:-1]:
-            values = stage(*values)
-            carried.append(list(values))
-    return carried
-
-
-def _check_carried(stages: list[nn.Module], example: tuple) -> None:
-    """Every value carried across a cut must be a per-sample tensor, or a constant (a forward argument's
-    default such as ``attn_mask=None``) that is the same whatever the batch; else compaction would be wrong."""
-    twos, threes = _carried_values(stages, example, 2), _carried_values(stages, example, 3)
-    for i, (stage, two, three) in enumerate(zip(stages, twos, threes)):
-        names = [n for n in stage.graph.nodes if n.op == "output"][0].args[0]
-        for node, value, other in zip(names, two, three):
-            if isinstance(value, torch.Tensor):
-                if value.ndim > 0 and value.shape[0] == 2 and other.shape[0] == 3:
-                    continue
-                shape = tuple(value.shape)
-            elif isinstance(value, (type(None), bool, int, float, str)) and value == other:
-                continue
-            else:
-                shape = type(value).__name__
-            raise BranchifyError(
-                f"value {node.name!r} crosses the cut after exit {i} but is {shape}, not a per-sample tensor, so the "
-                "runner cannot drop the samples that leave; move the exit to another layer")

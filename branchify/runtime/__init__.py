@@ -1,0 +1,10 @@
+"""The early-exit runtime: ``ExitRunner`` routes each sample of a batch to its exit and skips the rest.
+
+``runner`` (the runner), ``staged`` and ``hooked`` (the two routing engines), ``carried`` (what may
+cross a cut), ``archive`` (save and load), ``result`` (``ExitResult``).
+"""
+
+from .result import ExitResult
+from .runner import ExitRunner
+
+__all__ = ["ExitResult", "ExitRunner"]
