@@ -13,7 +13,7 @@ class BranchifyError(ValueError):
 
     >>> import branchify as bx
     >>> try:
-    ...     bx.ExitSpec.from_distiller_args(["layer1"], [0.5, 0.7], [0.3])
+    ...     bx.ExitSpec(exits=[])
     ... except bx.BranchifyError as err:
     ...     print("rejected")
     rejected

@@ -262,33 +262,6 @@ class ExitSpec(_SpecModel):
                 "bx.attach_exits(model, spec, example_inputs) again for other exits")
         return self
 
-    @classmethod
-    def from_distiller_args(cls, layers: Sequence[str], thresholds: Sequence[float] | None,
-                            lossweights: Sequence[float] | None, *, head: HeadSpec | None = None,
-                            criterion: str = "entropy") -> ExitSpec:
-        """Build a spec from Distiller's ``--earlyexit_thresholds`` / ``--earlyexit_lossweights``.
-
-        Counts are checked against the exit layers before anything runs (Distiller crashed
-        mid-epoch when they disagreed, its issue #103).
-
-        >>> import branchify as bx
-        >>> bx.ExitSpec.from_distiller_args(["layer1", "layer2"], [1.2, 0.9], [0.1, 0.3]).weights
-        [0.1, 0.3]
-        """
-        layers = list(layers)
-        for flag, values in (("--earlyexit_thresholds", thresholds), ("--earlyexit_lossweights", lossweights)):
-            if values is not None and len(values) != len(layers):
-                raise BranchifyError(
-                    f"{flag} has {len(values)} value(s) {list(values)} but there are {len(layers)} exit "
-                    f"layer(s) {layers}; give exactly one value per exit (the final exit takes none)")
-        points = [
-            ExitPoint(layer=layer, head=head or HeadSpec(),
-                      threshold=None if thresholds is None else thresholds[i],
-                      weight=None if lossweights is None else lossweights[i])
-            for i, layer in enumerate(layers)
-        ]
-        return cls(exits=points, criterion=criterion)
-
 
 def spec_attribute(order: str) -> property:
     """A module's ``exit_spec``: set once when the module is built, then only to a spec that

@@ -10,7 +10,7 @@ and docs/distiller.md maps Distiller's flags to branchify's.
 
 import sys
 
-from branchify.train import main
+from branchify.distiller.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

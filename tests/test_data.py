@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import branchify as bx
-from branchify.data import (
+from branchify.distiller.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     LabelledSubset,

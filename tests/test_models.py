@@ -7,7 +7,7 @@ import torch
 from torch import fx, nn
 
 import branchify as bx
-from branchify.models import (
+from branchify.distiller.models import (
     CIFAR_RESNETS,
     DISTILLER_EXITS,
     ResNetCifar,

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import branchify as bx
+from branchify.distiller import spec_from_args
 from branchify.criteria import get_criterion
 from branchify.routing import route
 
@@ -533,7 +534,7 @@ def distiller_args(draw) -> tuple:
 
 def check_distiller_args(args: tuple) -> bool:
     layers, thresholds, weights, criterion = args
-    spec = validated(lambda: bx.ExitSpec.from_distiller_args(layers, thresholds, weights, criterion=criterion))
+    spec = validated(lambda: spec_from_args(layers, thresholds, weights, criterion=criterion))
     check_valid_spec_invariants(spec)
     if spec is not None:
         assert spec.layers == list(layers)

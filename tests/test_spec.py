@@ -5,6 +5,7 @@ import math
 import pytest
 
 import branchify as bx
+from branchify.distiller import spec_from_args
 
 
 def test_issue_example_validates_and_normalises():
@@ -65,7 +66,7 @@ def test_unknown_spec_criterion_lists_registered_ones():
 
 
 def test_from_distiller_args_matches_distiller_semantics():
-    spec = bx.ExitSpec.from_distiller_args(["layer1", "layer2"], [1.2, 0.9], [0.1, 0.3])
+    spec = spec_from_args(["layer1", "layer2"], [1.2, 0.9], [0.1, 0.3])
     assert spec.thresholds == [1.2, 0.9] and spec.weights == [0.1, 0.3]
     assert math.isclose(spec.final_weight, 0.6)
 
@@ -77,7 +78,7 @@ def test_from_distiller_args_matches_distiller_semantics():
 def test_from_distiller_args_rejects_mismatched_counts_up_front(thresholds, weights, flag):
     # Distiller's issue #103: two values for a one-exit model crashed mid-epoch.
     with pytest.raises(bx.BranchifyError, match=flag) as info:
-        bx.ExitSpec.from_distiller_args(["layer1.2"], thresholds, weights)
+        spec_from_args(["layer1.2"], thresholds, weights)
     assert "1 exit layer" in str(info.value)
 
 

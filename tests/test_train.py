@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import branchify as bx
-import branchify.data
-import branchify.train as train
-from branchify.models import get_model
+import branchify.distiller.data
+import branchify.distiller.flags as flags
+import branchify.distiller.train as train
+from branchify.distiller.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def no_training(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the trainer went past its up-front checks")
 
-    monkeypatch.setattr(branchify.data, "make_loaders", forbidden)
+    monkeypatch.setattr(branchify.distiller.data, "make_loaders", forbidden)
     monkeypatch.setattr(train, "attach_exits", forbidden)
     monkeypatch.setattr(train, "train_epoch", forbidden)
 
@@ -151,16 +152,16 @@ def test_exit_layers_train_any_arch_and_write_checkpoint_and_spec(tmp_path, caps
 
 
 def test_dataset_may_follow_a_list_flag():
-    args = train.parse_args(["--arch=resnet20_cifar", "--earlyexit_lossweights", "0.4", "digits"])
+    args = flags.parse_args(["--arch=resnet20_cifar", "--earlyexit_lossweights", "0.4", "digits"])
     assert args.earlyexit_lossweights == [0.4] and args.data == "digits"
-    args = train.parse_args(["--arch=resnet20_cifar", "--exit-layers", "layer1", "digits"])
+    args = flags.parse_args(["--arch=resnet20_cifar", "--exit-layers", "layer1", "digits"])
     assert args.exit_layers == ["layer1"] and args.data == "digits"
-    args = train.parse_args(["--arch=resnet20_cifar", "--exit-layers", "layer1", "layer2", "--dataset", "digits"])
+    args = flags.parse_args(["--arch=resnet20_cifar", "--exit-layers", "layer1", "layer2", "--dataset", "digits"])
     assert args.exit_layers == ["layer1", "layer2"] and args.data is None
 
 
 def test_non_numeric_threshold_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exited:
-        train.parse_args(["--arch=resnet20_cifar", "--earlyexit_thresholds", "x", "--dataset", "digits"])
+        flags.parse_args(["--arch=resnet20_cifar", "--earlyexit_thresholds", "x", "--dataset", "digits"])
     assert exited.value.code == 2
     assert "argument --earlyexit_thresholds: 'x' is not a number" in capsys.readouterr().err

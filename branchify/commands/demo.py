@@ -10,7 +10,7 @@ resized to 32x32 with three channels) with an unmodified torchvision ResNet-18:
    same run, and print the measured speedup, the MAC saving and the share leaving at each exit;
 5. write the spec, a checkpoint and two plots to ``runs/demo/``.
 
-    python -m branchify.demo [--epochs 8] [--out runs/demo] [--seed 0]
+    python -m branchify.commands.demo [--epochs 8] [--out runs/demo] [--seed 0]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tqdm import tqdm
 import branchify as bx
 from branchify.calibration.cache import collect_logits
 from branchify.calibration.search import calibrate_cached
-from branchify.data import make_loaders
+from branchify.distiller.data import make_loaders
 
 EXIT_LAYERS = ("layer1", "layer2")
 LOSS_WEIGHTS = (0.3, 0.3)

@@ -30,7 +30,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .errors import BranchifyError
+from ..errors import BranchifyError
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -79,7 +79,7 @@ class TensorImages(Dataset):
     read, so that random augmentation differs per epoch. ``targets`` is a ``LongTensor``.
 
     >>> import torch
-    >>> from branchify.data import TensorImages
+    >>> from branchify.distiller.data import TensorImages
     >>> ds = TensorImages(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]), ["a", "b"])
     >>> image, label = ds[1]
     >>> tuple(image.shape), label, len(ds)
@@ -216,7 +216,7 @@ def digits_dataset(split: str = "train", size: int = 32, seed: int = 0) -> Tenso
     the training split; they are stored with one channel and read as three identical ones. The
     split is 60/20/20 per class, fixed by ``seed``.
 
-    >>> from branchify.data import digits_dataset
+    >>> from branchify.distiller.data import digits_dataset
     >>> train, test = digits_dataset("train"), digits_dataset("test")
     >>> len(train), len(digits_dataset("val")), len(test), tuple(train[0][0].shape)
     (1079, 359, 359, (3, 32, 32))
@@ -336,7 +336,7 @@ def cifar10_dataset(root: str | Path, train: bool = True, *, augment: bool = Fal
     padded image and a random horizontal flip; ``size`` resizes (32 by default).
 
     >>> import branchify as bx
-    >>> from branchify.data import cifar10_dataset
+    >>> from branchify.distiller.data import cifar10_dataset
     >>> try:
     ...     cifar10_dataset("/no/such/folder")
     ... except bx.BranchifyError as err:
@@ -393,7 +393,7 @@ def imagefolder_dataset(root: str | Path, train: bool = True, size: int = 224, *
     centre-cropped. Images are normalized with ImageNet's mean and std.
 
     >>> import branchify as bx
-    >>> from branchify.data import imagefolder_dataset
+    >>> from branchify.distiller.data import imagefolder_dataset
     >>> try:
     ...     imagefolder_dataset("/no/such/tree")
     ... except bx.BranchifyError as err:
@@ -433,7 +433,7 @@ def load_splits(spec: str | Path, *, size: int | None = None, augment: bool = Fa
                 val_fraction: float = 0.1) -> dict[str, Dataset]:
     """The ``train``, ``val`` and ``test`` datasets of ``spec`` (see ``load_dataset``).
 
-    >>> from branchify.data import load_splits
+    >>> from branchify.distiller.data import load_splits
     >>> {name: len(ds) for name, ds in load_splits("digits").items()}
     {'train': 1079, 'val': 359, 'test': 359}
     """
@@ -492,7 +492,7 @@ def load_dataset(spec: str | Path, split: str = "train", *, size: int | None = N
     side (default: 32 for digits and CIFAR-10, 224 for ImageFolder); ``augment`` applies to the
     ``train`` split of CIFAR-10 and ImageFolder data. Every dataset has ``.classes``.
 
-    >>> from branchify.data import load_dataset
+    >>> from branchify.distiller.data import load_dataset
     >>> ds = load_dataset("digits", "val", size=16)
     >>> len(ds), tuple(ds[0][0].shape), len(ds.classes)
     (359, (3, 16, 16), 10)
@@ -511,7 +511,7 @@ def make_loaders(dataset: str | Path, batch_size: int = 128, workers: int = 0, s
     ``seed`` with ``workers > 0`` (each worker is seeded from the loader's generator) and come from
     torch's global RNG with ``workers=0``.
 
-    >>> from branchify.data import make_loaders
+    >>> from branchify.distiller.data import make_loaders
     >>> loaders = make_loaders("digits", batch_size=64, seed=0)
     >>> images, labels = next(iter(loaders.train))
     >>> tuple(images.shape), loaders.num_classes, len(loaders.val.dataset)

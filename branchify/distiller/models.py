@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .errors import BranchifyError
-from .spec import ExitPoint, HeadSpec
+from ..errors import BranchifyError
+from ..spec import ExitPoint, HeadSpec
 
 __all__ = [
     "CIFAR_RESNETS",
@@ -92,7 +92,7 @@ class ResNetCifar(nn.Module):
     """He et al.'s CIFAR ResNet of depth ``6 * blocks + 2``; any input size works (adaptive pooling).
 
     >>> import torch
-    >>> from branchify.models import ResNetCifar
+    >>> from branchify.distiller.models import ResNetCifar
     >>> ResNetCifar(blocks=1)(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
     """
@@ -139,7 +139,7 @@ class ResNetCifar(nn.Module):
 def resnet20_cifar(num_classes: int = 10, shortcut: Shortcut = "A") -> ResNetCifar:
     """ResNet-20 for 32x32 inputs (3 blocks per stage, ~0.27M parameters).
 
-    >>> from branchify.models import resnet20_cifar
+    >>> from branchify.distiller.models import resnet20_cifar
     >>> round(sum(p.numel() for p in resnet20_cifar().parameters()) / 1e6, 2)
     0.27
     """
@@ -149,7 +149,7 @@ def resnet20_cifar(num_classes: int = 10, shortcut: Shortcut = "A") -> ResNetCif
 def resnet32_cifar(num_classes: int = 10, shortcut: Shortcut = "A") -> ResNetCifar:
     """ResNet-32 for 32x32 inputs (5 blocks per stage, ~0.46M parameters); Distiller's CIFAR example.
 
-    >>> from branchify.models import resnet32_cifar
+    >>> from branchify.distiller.models import resnet32_cifar
     >>> len(resnet32_cifar().layer1)
     5
     """
@@ -159,7 +159,7 @@ def resnet32_cifar(num_classes: int = 10, shortcut: Shortcut = "A") -> ResNetCif
 def resnet44_cifar(num_classes: int = 10, shortcut: Shortcut = "A") -> ResNetCifar:
     """ResNet-44 for 32x32 inputs (7 blocks per stage, ~0.66M parameters).
 
-    >>> from branchify.models import resnet44_cifar
+    >>> from branchify.distiller.models import resnet44_cifar
     >>> len(resnet44_cifar().layer3)
     7
     """
@@ -169,7 +169,7 @@ def resnet44_cifar(num_classes: int = 10, shortcut: Shortcut = "A") -> ResNetCif
 def resnet56_cifar(num_classes: int = 10, shortcut: Shortcut = "A") -> ResNetCifar:
     """ResNet-56 for 32x32 inputs (9 blocks per stage, ~0.85M parameters).
 
-    >>> from branchify.models import resnet56_cifar
+    >>> from branchify.distiller.models import resnet56_cifar
     >>> len(resnet56_cifar().layer2)
     9
     """
@@ -208,7 +208,7 @@ channels), a 3x3 stride-2 max pool and a linear layer. CIFAR ResNets: after bloc
 def model_names() -> list[str]:
     """Every architecture ``get_model`` builds: the CIFAR ResNets and torchvision's classifiers.
 
-    >>> from branchify.models import model_names
+    >>> from branchify.distiller.models import model_names
     >>> "resnet32_cifar" in model_names() and "resnet18" in model_names()
     True
     """
@@ -241,7 +241,7 @@ def get_model(arch: str, num_classes: int | None = None, **kwargs) -> nn.Module:
     exits come from ``DISTILLER_EXITS``. ``num_classes`` defaults to the architecture's own (10 for
     the CIFAR ResNets, 1000 for torchvision's); other keywords go to the builder.
 
-    >>> from branchify.models import get_model
+    >>> from branchify.distiller.models import get_model
     >>> get_model("resnet32_cifar_earlyexit").fc
     Linear(in_features=64, out_features=10, bias=True)
     >>> get_model("resnet18", num_classes=10).fc.out_features
@@ -266,7 +266,7 @@ def get_model(arch: str, num_classes: int | None = None, **kwargs) -> nn.Module:
 def distiller_exits(arch: str) -> list[ExitPoint]:
     """The exits Distiller's early-exit version of ``arch`` had (no thresholds or weights set).
 
-    >>> from branchify.models import distiller_exits
+    >>> from branchify.distiller.models import distiller_exits
     >>> [p.layer for p in distiller_exits("resnet50_earlyexit")]
     ['layer1', 'layer2']
     """

@@ -7,7 +7,7 @@ CHECKPOINT DATASET --arch ARCH`` rebuilds a saved model and prints Distiller's s
 the MACs. User errors print one line on stderr and exit with status 2. Training with exits is
 ``branchify-train`` (Distiller's command line).
 
->>> from branchify.cli import build_parser
+>>> from branchify.commands.cli import build_parser
 >>> build_parser().parse_args(["points", "resnet18", "--input-size", "64"]).input_size
 [64]
 """
@@ -26,20 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__
-from .checkpoint import load, save
-from .cost import exit_costs
-from .criteria import registered_criteria
-from .errors import BranchifyError
-from .models import DISTILLER_EXITS, get_model
-from .points import list_exit_points
-from .spec import ExitSpec
-from .sweep import sweep
-from .train import (
-    SUMMARY,
-    check_arch,
-    default_input_size,
-    evaluate,
+from .. import __version__
+from ..checkpoint import load, save
+from ..cost import exit_costs
+from ..criteria import registered_criteria
+from ..distiller.flags import SUMMARY, check_arch, default_input_size
+from ..distiller.models import DISTILLER_EXITS, get_model
+from ..distiller.train import evaluate
+from ..errors import BranchifyError
+from ..points import list_exit_points
+from ..spec import ExitSpec
+from ..sweep import sweep
+from .common import (
     fraction,
     limit_batches,
     non_negative_int,
@@ -177,7 +175,7 @@ def _points(args: argparse.Namespace) -> None:
 
 
 def _loaders(args: argparse.Namespace, val_fraction: float = 0.1):
-    from .data import make_loaders  # scikit-learn and torchvision's datasets only load when needed
+    from ..distiller.data import make_loaders  # scikit-learn and torchvision's datasets only load when needed
 
     if args.workers > usable_cores():
         print(f"{PROG}: note: -j {args.workers} but {usable_cores()} usable CPU core(s); loading with "

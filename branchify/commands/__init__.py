@@ -1,0 +1,1 @@
+"""The commands: ``branchify`` (``cli``), the demo (``demo``) and their shared pieces (``common``)."""
