@@ -16,8 +16,8 @@ import torch
 import torchvision
 
 import branchify as bx
-from branchify.distiller.data import make_loaders
 from branchify.commands.demo import seconds
+from branchify.distiller.data import make_loaders
 
 
 def main() -> None:

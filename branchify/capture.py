@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import fx, nn
 
+from ._inputs import Inputs
+from ._outputs import select_output
+from ._trace import QUALNAME, SCOPE, Traced, kept_modes, trace_model
 from .errors import BranchifyError
-from .inputs import Inputs
-from .outputs import select_output
-from .trace import QUALNAME, SCOPE, Traced, kept_modes, trace_model
 
 __all__ = ["CAPTURES", "capture", "check_model"]
 

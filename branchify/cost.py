@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._inputs import Inputs
+from ._propagate import fake_mode, propagate
+from ._trace import eval_mode
 from .errors import BranchifyError
 from .exits import HEAD, exit_module
-from .inputs import Inputs
-from .propagate import fake_mode, propagate
-from .trace import eval_mode
 
 __all__ = ["ExitCosts", "exit_costs"]
 

@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ._rows import by_rows
 from .errors import BranchifyError
-from .rows import by_rows
 
 __all__ = ["Criterion", "get_criterion", "register_criterion", "registered_criteria"]
 
@@ -36,7 +36,7 @@ class Criterion:
               temperature: float = 1.0) -> torch.Tensor:
         """Per-sample scores of ``logits`` (after dividing by ``temperature``).
 
-        Large CPU batches are scored a block of rows at a time (``branchify.rows``), so score
+        Large CPU batches are scored a block of rows at a time (``branchify._rows``), so score
         functions must be per-sample: a row's score may depend on that row alone.
         """
         if self.needs_labels and target is None:

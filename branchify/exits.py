@@ -10,20 +10,45 @@ model's own attributes too (timm's ``stages``), and they must never collide.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .errors import BranchifyError
+from .layout import Layout
 
 if TYPE_CHECKING:
+    from ._inputs import Inputs
+    from ._stages import Stages
     from .cost import ExitCosts
-    from .inputs import Inputs
-    from .points import ExitPointInfo
     from .spec import ExitSpec
-    from .stages import Stages
 
-__all__ = ["HEAD", "HEADS", "HEAD_INPUT_COPY", "Exits", "exit_module"]
+
+@dataclass(frozen=True)
+class ExitPointInfo:
+    """One attachable point.
+
+    ``name`` is what ``ExitPoint(layer=...)`` accepts; ``node`` the graph node it resolves to;
+    ``shape`` the per-sample shape (no batch dim); ``layout`` None when the graph does not
+    determine it; ``macs`` the per-sample MACs spent up to and including this point and
+    ``macs_fraction`` their share of the whole model's.
+    """
+
+    name: str
+    node: str
+    shape: tuple[int, ...]
+    layout: Layout | None
+    macs: float
+    macs_fraction: float
+
+    def __str__(self) -> str:
+        layout = self.layout.value if self.layout else "?"
+        shape = "x".join(map(str, self.shape))
+        return f"{self.name:<32} {shape:<14} {layout:<5} {self.macs / 1e6:10.2f} MMACs {self.macs_fraction:7.1%}"
+
+
+__all__ = ["HEAD", "HEADS", "HEAD_INPUT_COPY", "ExitPointInfo", "Exits", "exit_module"]
 
 HEADS = "exit_heads"  # the attribute (and state-dict prefix) of the heads
 HEAD = "branchify_exit_head"  # node.meta tag of head k's node: k
@@ -40,7 +65,18 @@ class Exits:
     exit_path: str
 
     def exit_costs(self, inputs: Inputs) -> ExitCosts:
-        """Per-sample MACs of each exit for inputs shaped like ``inputs``."""
+        """Per-sample MACs of each exit for inputs shaped like ``inputs``: counted once per input signature
+        (shapes without the batch dim, dtypes, devices), then read from the module."""
+        key = inputs.signature()
+        memo = self.__dict__.setdefault("_exit_cost_memo", {})
+        if key is None or key not in memo:
+            costs = self._count_exit_costs(inputs)
+            if key is None:
+                return costs
+            memo[key] = costs
+        return memo[key]
+
+    def _count_exit_costs(self, inputs: Inputs) -> ExitCosts:
         raise NotImplementedError
 
     def exit_stages(self) -> Stages | None:

@@ -8,7 +8,7 @@ the head reads a copy, so autograd never finds its input overwritten). Hooks are
 duration of each forward only, so the model itself is left as it was.
 
 Shapes, layouts and MACs come from one real forward of the example inputs, recorded as a graph
-(``branchify.record``) and read by the same layout analysis as the captured graphs.
+(``branchify._record``) and read by the same layout analysis as the captured graphs.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._inputs import Inputs
+from ._outputs import select_output
+from ._record import Recording
+from ._trace import eval_mode
 from .errors import BranchifyError
-from .exits import Exits
+from .exits import ExitPointInfo, Exits
 from .heads import build_head
-from .inputs import Inputs
 from .layout import Layout, channel_dims, choose_layout, layout_of
-from .outputs import select_output
-from .points import ExitPointInfo
-from .record import Recording
 from .spec import ExitSpec, spec_attribute
-from .trace import eval_mode
 
 __all__ = ["HookExitModule", "attach_exits_with_hooks", "hook_points"]
 
@@ -120,7 +119,7 @@ class HookExitModule(nn.Module, Exits):
 
     exit_spec = spec_attribute("execution order")
 
-    def exit_costs(self, inputs):
+    def _count_exit_costs(self, inputs):
         from .cost import hook_costs
 
         return hook_costs(self, inputs)

@@ -8,22 +8,42 @@ inferred shape (without the batch dim), the layout, the number of classes and th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torchvision.ops.misc import Permute
 
+from ._propagate import fake_mode
+from ._trace import eval_mode
 from .errors import BranchifyError
 from .layout import Layout
-from .propagate import fake_mode
-from .spec import HeadSpec
-from .trace import eval_mode
 
-__all__ = ["GlobalPool", "MaskedPoolHead", "HeadFactory", "build_head", "register_head", "registered_heads"]
+if TYPE_CHECKING:
+    from .spec import HeadSpec
+
+__all__ = ["GlobalPool", "HeadFactory", "HeadKind", "MaskedPoolHead", "build_head", "head_kind", "register_head",
+           "registered_heads"]
 
 HeadFactory = Callable[..., nn.Module]
-_REGISTRY: dict[str, HeadFactory] = {}
+# Fields every kind reads: where the channels are, and how tokens are pooled.
+SHARED_FIELDS = frozenset({"layout", "token"})
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """A head kind: its name, the ``HeadSpec`` fields it reads (beyond ``layout`` and ``token``), its build,
+    and an optional check of a spec's values (returning an error message, or None)."""
+
+    name: str
+    fields: frozenset[str]
+    build: HeadFactory
+    check: Callable[[HeadSpec], str | None] | None = None
+
+
+_REGISTRY: dict[str, HeadKind] = {}
 
 
 class GlobalPool(nn.Module):
@@ -71,12 +91,13 @@ def masked(head: nn.Module) -> MaskedPoolHead | None:
     return None
 
 
-def register_head(kind: str, factory: HeadFactory | None = None):
+def register_head(kind: str, factory: HeadFactory | None = None, *, fields: Iterable[str] = ("options",)):
     """Register a head kind by name (usable as ``HeadSpec(kind=...)``); works as a decorator.
 
     The factory is called as ``factory(shape=..., layout=..., num_classes=..., spec=...)`` where
     ``shape`` is the exit point's shape without the batch dim, and returns an ``nn.Module`` mapping
-    ``(B, *shape)`` to ``(B, num_classes)``.
+    ``(B, *shape)`` to ``(B, num_classes)``. ``fields`` are the ``HeadSpec`` fields the kind reads
+    (default: its free-form ``options``); a spec of this kind that sets another field is refused.
 
     >>> import torch, branchify as bx
     >>> @bx.register_head("first_channel_linear")
@@ -90,10 +111,12 @@ def register_head(kind: str, factory: HeadFactory | None = None):
     if kind in _BUILTIN:
         raise BranchifyError(f"head kind {kind!r} is built in; register yours under another name")
 
+    fields = frozenset(fields)
+
     def add(fn: HeadFactory) -> HeadFactory:
         if not callable(fn):
             raise BranchifyError(f"head factory for {kind!r} must be callable, got {fn!r}")
-        _REGISTRY[kind] = fn
+        _REGISTRY[kind] = HeadKind(kind, fields, fn)
         return fn
 
     return add(factory) if factory is not None else add
@@ -102,6 +125,16 @@ def register_head(kind: str, factory: HeadFactory | None = None):
 def registered_heads() -> list[str]:
     """Names usable as ``HeadSpec.kind``."""
     return sorted(_REGISTRY)
+
+
+def head_kind(kind: str) -> HeadKind:
+    """The registered kind ``kind``; an unknown one lists the registered kinds."""
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise BranchifyError(
+            f"unknown head kind {kind!r}; registered: {registered_heads()}. "
+            "Add your own with bx.register_head(kind, factory)") from None
 
 
 def _activation(name: str | None) -> list[nn.Module]:
@@ -185,9 +218,17 @@ def _pool_head(shape, layout, num_classes, spec):
     return _flatten_linear(layers, shape, num_classes, "pool head")
 
 
-_BUILTIN: dict[str, HeadFactory] = {
-    "linear": _linear_head, "conv": _conv_head, "pool": _pool_head, "mlp": _mlp_head,
-}
+def _conv_needs_channels(spec: HeadSpec) -> str | None:
+    return None if spec.channels else "head kind 'conv' needs channels, e.g. HeadSpec(kind='conv', channels=[10])"
+
+
+_BUILTIN = {kind.name: kind for kind in [
+    HeadKind("linear", frozenset(), _linear_head),
+    HeadKind("conv", frozenset({"channels", "kernel_size", "stride", "pool", "activation"}), _conv_head,
+             _conv_needs_channels),
+    HeadKind("pool", frozenset({"kernel_size"}), _pool_head),
+    HeadKind("mlp", frozenset({"hidden", "activation"}), _mlp_head),
+]}
 _REGISTRY.update(_BUILTIN)
 
 
@@ -195,13 +236,14 @@ def build_head(spec: HeadSpec, shape: Sequence[int], layout: Layout, num_classes
                where: str = "", device: torch.device | None = None,
                dtype: torch.dtype | None = None) -> nn.Module:
     """Build the head ``spec`` describes for an activation of ``shape`` (no batch dim) and check it."""
+    spec.check_kind()  # a kind may have been registered after the spec was made
     shape = tuple(int(d) for d in shape)
     if len(shape) + 1 != layout.ndim:
         raise BranchifyError(
             f"{where}: layout {layout.value} needs {layout.ndim}-D activations, but this point is "
             f"{len(shape) + 1}-D (batch, {', '.join(map(str, shape))}); declare the right HeadSpec(layout=...)")
     try:
-        head = _REGISTRY[spec.kind](shape=shape, layout=layout, num_classes=num_classes, spec=spec)
+        head = head_kind(spec.kind).build(shape=shape, layout=layout, num_classes=num_classes, spec=spec)
     except BranchifyError as err:
         raise BranchifyError(f"{where}: {err}") from None
     if not isinstance(head, nn.Module):

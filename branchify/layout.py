@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._propagate import fake_mode
+from ._record import record
+from ._trace import eval_mode
 from .errors import BranchifyError
-from .propagate import fake_mode
-from .record import record
-from .trace import eval_mode
 
 __all__ = ["Layout"]
 
@@ -61,7 +61,7 @@ class Layout(str, enum.Enum):
 
 
 # Operations named as torch.fx (``torch.conv2d``, ``"permute"``), torch.export (``aten.conv2d``) and the
-# recorded forward of ``branchify.record`` (the same torch functions) name them; see ``op_name``.
+# recorded forward of ``branchify._record`` (the same torch functions) name them; see ``op_name``.
 _CHANNELS_FIRST_OPS = {
     "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
     "conv_transpose3d", "batch_norm", "native_batch_norm", "_native_batch_norm_legit",

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._outputs import split_outputs
 from .errors import BranchifyError
 from .exits import Exits
-from .outputs import split_outputs
 from .spec import ExitSpec
 
 __all__ = ["EarlyExitLoss"]

@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
 
 from torch import fx, nn
 
+from ._inputs import Inputs
+from ._propagate import NodeFacts, propagate
+from ._trace import QUALNAME, Traced, ancestors, depends_on_input, final_output_nodes
 from .errors import BranchifyError
-from .inputs import Inputs
+from .exits import ExitPointInfo
+from .fallback import hook_points
 from .layout import Layout, channel_dims, layout_of
-from .propagate import NodeFacts, propagate
-from .trace import QUALNAME, Traced, ancestors, depends_on_input, final_output_nodes
 
 __all__ = ["ExitPointInfo", "ExitPoints", "list_exit_points"]
-
-
-@dataclass(frozen=True)
-class ExitPointInfo:
-    """One attachable point.
-
-    ``name`` is what ``ExitPoint(layer=...)`` accepts; ``node`` the graph node it resolves to;
-    ``shape`` the per-sample shape (no batch dim); ``layout`` None when the graph does not
-    determine it; ``macs`` the per-sample MACs spent up to and including this point and
-    ``macs_fraction`` their share of the whole model's.
-    """
-
-    name: str
-    node: str
-    shape: tuple[int, ...]
-    layout: Layout | None
-    macs: float
-    macs_fraction: float
-
-    def __str__(self) -> str:
-        layout = self.layout.value if self.layout else "?"
-        shape = "x".join(map(str, self.shape))
-        return f"{self.name:<32} {shape:<14} {layout:<5} {self.macs / 1e6:10.2f} MMACs {self.macs_fraction:7.1%}"
 
 
 class ExitPoints(list):
@@ -184,8 +162,6 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
 
 
 def _hook_exit_points(model: nn.Module, inputs: Inputs, output) -> ExitPoints:
-    from .fallback import hook_points
-
     points, final, total = hook_points(model, inputs, block_paths(model), output)
     batch = inputs.batch
     rows = []

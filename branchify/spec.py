@@ -9,18 +9,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from .errors import BranchifyError, SpecError
+from .heads import SHARED_FIELDS, head_kind, registered_heads
 from .layout import Layout
 
 __all__ = ["ExitPoint", "ExitSpec", "HeadSpec"]
 
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-_BUILTIN_KIND_FIELDS = {
-    "linear": set(),
-    "conv": {"channels", "kernel_size", "stride", "pool", "activation"},
-    "pool": {"kernel_size"},
-    "mlp": {"hidden", "activation"},
-}
-_KIND_SPECIFIC = {"channels", "kernel_size", "stride", "pool", "hidden", "activation"}
 
 
 def _spec_error(err: ValidationError) -> SpecError:
@@ -81,7 +75,7 @@ class HeadSpec(_SpecModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: str = "linear"
+    kind: Annotated[str, Field(min_length=1)] = "linear"
     channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
     kernel_size: Annotated[int, Field(gt=0)] = 3
     stride: Annotated[int, Field(gt=0)] = 1
@@ -92,32 +86,40 @@ class HeadSpec(_SpecModel):
     token: Literal["mean", "cls"] = "mean"
     options: dict[str, JsonValue] = Field(default_factory=dict)
 
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, kind: str) -> str:
-        from .heads import registered_heads
+    def set_fields(self) -> list[str]:
+        """The fields (beyond ``kind``) set to something other than their defaults."""
+        fields = type(self).model_fields
+        return [f for f in fields
+                if f != "kind" and getattr(self, f) != fields[f].get_default(call_default_factory=True)]
 
-        if kind not in registered_heads():
-            raise BranchifyError(
-                f"unknown head kind {kind!r}; registered: {registered_heads()}. "
-                "Add your own with bx.register_head(kind, factory)")
-        return kind
+    def check_kind(self) -> HeadSpec:
+        """This spec, if its kind is registered and reads every field it sets (checked again when exits are
+        attached, so that a spec naming a kind registered later still loads)."""
+        kind = head_kind(self.kind)
+        stray = [f for f in self.set_fields() if f not in kind.fields | SHARED_FIELDS]
+        if stray:
+            readers = {f: [repr(k) for k in registered_heads() if f in head_kind(k).fields] for f in stray}
+            hint = "; ".join(f"{f}: {' or '.join(kinds)}" for f, kinds in readers.items() if kinds)
+            raise BranchifyError(f"head kind {self.kind!r} does not use {stray}; drop them, or pick a kind that "
+                                 f"does ({hint or 'none does'})")
+        problem = kind.check(self) if kind.check is not None else None
+        if problem:
+            raise BranchifyError(problem)
+        return self
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> HeadSpec:
-        allowed = _BUILTIN_KIND_FIELDS.get(self.kind)
-        if allowed is None:
-            return self  # a registered kind reads whatever fields it wants
-        fields = type(self).model_fields
-        stray = sorted(f for f in _KIND_SPECIFIC - allowed
-                       if getattr(self, f) != fields[f].get_default(call_default_factory=True))
-        if stray:
-            raise BranchifyError(
-                f"head kind {self.kind!r} does not use {stray}; drop them, or pick a kind that does "
-                "(channels/stride/pool: 'conv'; hidden: 'mlp'; kernel_size: 'conv' or 'pool')")
-        if self.kind == "conv" and not self.channels:
-            raise BranchifyError("head kind 'conv' needs channels, e.g. HeadSpec(kind='conv', channels=[10])")
-        return self
+        return self.check_kind() if self.kind in registered_heads() else self
+
+    def __repr_args__(self):
+        # Only what this kind reads: a linear head does not print kernel_size=3, pool='max'.
+        shown = set(self.set_fields())
+        if self.kind in registered_heads():
+            shown |= head_kind(self.kind).fields - {"options"} - SHARED_FIELDS
+        yield "kind", self.kind
+        for name in type(self).model_fields:
+            if name in shown:
+                yield name, getattr(self, name)
 
 
 class ExitPoint(_SpecModel):

@@ -23,13 +23,13 @@ from typing import Any, Literal, TextIO
 import torch
 import torch.nn.functional as F
 
+from ._outputs import split_outputs
+from ._rows import by_rows
 from .cost import ExitCosts
 from .criteria import get_criterion
 from .errors import BranchifyError
 from .exits import Exits
-from .outputs import split_outputs
 from .routing import route
-from .rows import by_rows
 from .spec import ExitSpec
 
 __all__ = ["ExitRow", "ExitStats", "ExitStatsSummary"]

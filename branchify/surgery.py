@@ -16,15 +16,15 @@ import torch
 from torch import fx, nn
 from torch.fx.graph_module import _assign_attr
 
+from ._inputs import Inputs
+from ._trace import QUALNAME, ancestors, final_output_nodes
 from .capture import capture as capture_graphs
 from .errors import BranchifyError
-from .exits import HEAD, HEAD_INPUT_COPY, HEADS, Exits
+from .exits import HEAD, HEAD_INPUT_COPY, HEADS, ExitPointInfo, Exits
 from .heads import build_head, masked
-from .inputs import Inputs
 from .layout import Layout, choose_layout
-from .points import Analysis, ExitPointInfo
+from .points import Analysis
 from .spec import ExitSpec, spec_attribute
-from .trace import QUALNAME, ancestors, final_output_nodes
 
 __all__ = ["ExitModule", "attach_exits"]
 
@@ -65,13 +65,13 @@ class ExitModule(fx.GraphModule, Exits):
 
     exit_spec = spec_attribute("graph order")
 
-    def exit_costs(self, inputs):
+    def _count_exit_costs(self, inputs):
         from .cost import graph_costs
 
         return graph_costs(self, inputs)
 
     def exit_stages(self):
-        from .stages import extract_stages
+        from ._stages import extract_stages
 
         return extract_stages(self, self._graphs[False])
 

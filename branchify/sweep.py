@@ -33,6 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ._inputs import split_batch
+from ._tables import html_table, text_table
+from ._trace import kept_modes
 from .calibration.cache import Cached, collect_logits, module_device
 from .calibration.grid import candidate_thresholds, default_grid_size, first_rung, outcome_tables, select
 from .calibration.result import Calibration
@@ -41,12 +44,9 @@ from .cost import ExitCosts, exit_costs
 from .criteria import get_criterion
 from .errors import BranchifyError
 from .exits import exit_module
-from .inputs import split_batch
 from .points import list_exit_points
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .surgery import attach_exits
-from .tables import html_table, text_table
-from .trace import kept_modes
 
 __all__ = ["FrontierPoint", "SweepResult", "SweepRow", "sweep"]
 

@@ -59,7 +59,7 @@ def test_points_ignore_batch_size_of_example_inputs():
 def test_node_names_are_the_ones_torchvision_reports(name):
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    from branchify.trace import QUALNAME, trace_model
+    from branchify._trace import QUALNAME, trace_model
 
     model = torchvision.models.get_model(name, weights=None)
     traced = trace_model(model)

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import branchify as bx
-from branchify.distiller import spec_from_args
 from branchify.criteria import get_criterion
+from branchify.distiller import spec_from_args
 from branchify.routing import route
 
 

@@ -48,7 +48,6 @@ def test_json_round_trip_reproduces_an_equal_spec():
         ([{"layer": "a", "criterion": "entropyy"}], "unknown criterion 'entropyy'"),
         ([{"layer": "a", "head": {"kind": "conv"}}], "needs channels"),
         ([{"layer": "a", "head": {"kind": "linear", "channels": [3]}}], "does not use ['channels']"),
-        ([{"layer": "a", "head": {"kind": "resnet"}}], "unknown head kind 'resnet'"),
         ([{"layer": "a", "head": {"kind": "conv", "channels": [0]}}], "greater than 0"),
         ([{"layer": "a", "surprise": 1}], "Extra inputs are not permitted"),
         ([{"layer": ""}], "at least 1 character"),
@@ -109,3 +108,32 @@ def test_a_spec_nested_in_a_user_model_reports_pydantic_errors():
 
     with pytest.raises(ValidationError):
         Config(spec={"exits": []})
+
+
+def test_head_kinds_are_checked_when_exits_are_attached_so_a_spec_can_name_a_kind_registered_later():
+    import torch
+
+    spec = bx.ExitSpec.model_validate_json('{"exits": [{"layer": "0", "head": {"kind": "later_kind"}}]}')
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    with pytest.raises(bx.BranchifyError, match="unknown head kind 'later_kind'; registered: .*bx.register_head"):
+        bx.attach_exits(model, spec, torch.randn(1, 4))
+    bx.register_head("later_kind", lambda shape, layout, num_classes, spec: torch.nn.Linear(shape[-1], num_classes))
+    module = bx.attach_exits(model, spec, torch.randn(1, 4))
+    assert module(torch.randn(2, 4))[0].shape == (2, 3)
+
+
+def test_a_head_prints_only_the_fields_its_kind_reads():
+    assert repr(bx.HeadSpec()) == "HeadSpec(kind='linear')"
+    assert repr(bx.HeadSpec(kind="pool", kernel_size=4)) == "HeadSpec(kind='pool', kernel_size=4)"
+    assert "kernel_size" not in repr(bx.HeadSpec(kind="mlp", hidden=8))
+    assert repr(bx.HeadSpec(layout="NLC")) == "HeadSpec(kind='linear', layout=<Layout.NLC: 'NLC'>)"
+
+
+def test_a_registered_kind_declares_the_fields_it_reads():
+    import torch
+
+    bx.register_head("hidden_reader", lambda shape, layout, num_classes, spec: torch.nn.Linear(shape[-1], num_classes),
+                     fields=["hidden"])
+    assert bx.HeadSpec(kind="hidden_reader", hidden=3).hidden == 3
+    with pytest.raises(bx.SpecError, match=r"does not use \['kernel_size'\].*kernel_size: 'conv' or 'pool'"):
+        bx.HeadSpec(kind="hidden_reader", kernel_size=5)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._inputs import split_batch
+from .._outputs import split_outputs
+from .._trace import eval_mode
 from ..errors import BranchifyError
 from ..exits import exit_module
-from ..inputs import split_batch
-from ..outputs import split_outputs
-from ..trace import eval_mode
 
 
 @dataclass

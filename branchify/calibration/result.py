@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._tables import html_table, text_table
 from ..cost import ExitCosts, exit_costs
 from ..criteria import get_criterion
 from ..errors import BranchifyError
 from ..exits import exit_module
 from ..routing import route
 from ..spec import ExitSpec
-from ..tables import html_table, text_table
 from .cache import Cached, collect_logits
 from .grid import Target, always_threshold, never_threshold
 

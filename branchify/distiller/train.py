@@ -34,12 +34,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._outputs import final_logits
 from ..checkpoint import save
 from ..commands.common import limit_batches, resolve_device, run_command
 from ..cost import ExitCosts, exit_costs
 from ..errors import BranchifyError
 from ..loss import EarlyExitLoss
-from ..outputs import final_logits
 from ..spec import ExitSpec
 from ..stats import ExitStats
 from ..surgery import attach_exits

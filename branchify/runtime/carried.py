@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._propagate import fake_mode
 from ..errors import BranchifyError
-from ..propagate import fake_mode
 
 __all__ = ["check_carried"]
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._inputs import Inputs, bind
+from .._propagate import describe_inputs
 from ..cost import exit_costs
 from ..errors import BranchifyError
 from ..exits import exit_module
-from ..inputs import Inputs, bind
-from ..propagate import describe_inputs
 from ..routing import exit_rules
 from ..spec import ExitSpec
 from .archive import load_runner, save_runner

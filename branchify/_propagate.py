@@ -18,9 +18,9 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._inputs import Inputs, bind
+from ._trace import eval_mode
 from .errors import BranchifyError
-from .inputs import Inputs, bind
-from .trace import eval_mode
 
 __all__ = ["NodeFacts", "fake_mode", "propagate"]
 

@@ -69,6 +69,20 @@ class Inputs:
                 "e.g. torch.randn(1, 3, 224, 224) rather than torch.randn(3, 224, 224)")
         return int(first.shape[0])
 
+    def signature(self) -> tuple | None:
+        """What per-sample figures depend on: each tensor's shape without the batch dim, dtype and device,
+        and the other values; None when a value cannot be compared (then nothing may be reused)."""
+        def one(v):
+            if isinstance(v, torch.Tensor):
+                return ("tensor", tuple(v.shape[1:]), v.dtype, v.device)
+            if v is None or isinstance(v, (bool, int, float, str)):
+                return ("value", type(v).__name__, v)
+            raise TypeError
+        try:
+            return (tuple(one(a) for a in self.args), tuple((k, one(v)) for k, v in self.kwargs.items()))
+        except TypeError:
+            return None
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
         """Apply ``fn`` to every tensor (to move, slice or fake them)."""
         def one(v):

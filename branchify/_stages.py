@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ._trace import QUALNAME
 from .errors import BranchifyError
 from .exits import HEAD, HEAD_INPUT_COPY
-from .trace import QUALNAME
 
 __all__ = ["Stages", "extract_stages"]
 
