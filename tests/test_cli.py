@@ -7,7 +7,8 @@ import json
 import pytest
 
 import branchify as bx
-from branchify import cli, train
+from branchify.commands import cli
+from branchify.distiller import train
 
 
 def rows_of(out: str) -> dict[str, list[str]]:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import branchify as bx
-from branchify import criteria, rows
+from branchify import _rows as rows
+from branchify import criteria
 from branchify.criteria import get_criterion
 from branchify.routing import exit_rules, route
 

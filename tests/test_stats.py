@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import branchify as bx
-from branchify import rows
+from branchify import _rows as rows
 
 # --- an independent oracle: Distiller's validation loop, one sample at a time (REFERENCE.md section 1) ---
 
