@@ -2,14 +2,15 @@
 
 Counted by ``torch.utils.flop_counter`` (FLOPs / 2) while the module runs on fake tensors, so no
 real compute happens. A sample that leaves at exit ``i`` has paid for the backbone up to exit ``i``
-and for every head it was judged by on the way (heads ``0..i``); a sample that goes all the way
-pays for the whole backbone and all heads.
+and for every head it was judged by on the way (the judged heads among ``0..i``); a sample that
+goes all the way pays for the whole backbone and every judged head. An exit that is off (no
+threshold while others have one) is never judged, so its head is not charged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,9 +29,10 @@ __all__ = ["ExitCosts", "exit_costs"]
 class ExitCosts:
     """Per-sample MACs of leaving at each exit.
 
-    ``exits[i]``: backbone up to exit ``i`` plus heads ``0..i``; ``full``: the whole backbone plus
-    every head (a sample that no exit takes); ``original``: the unmodified model; ``backbone[i]``
-    and ``heads[i]``: the parts.
+    ``exits[i]``: backbone up to exit ``i`` plus the judged heads among ``0..i``; ``full``: the
+    whole backbone plus every judged head (a sample that no exit takes); ``original``: the
+    unmodified model; ``backbone[i]`` and ``heads[i]``: the parts; ``judged[i]``: is head ``i``
+    charged (False for an exit that is off).
     """
 
     exits: list[float]
@@ -38,6 +40,24 @@ class ExitCosts:
     original: float
     backbone: list[float]
     heads: list[float]
+    judged: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, backbone: Sequence[float], heads: Sequence[float], original: float,
+           judged: Sequence[bool] | None = None) -> ExitCosts:
+        """The costs of exits with these backbone and head MACs (``judged``: which heads run; default all)."""
+        judged = [True] * len(heads) if judged is None else [bool(j) for j in judged]
+        if len(judged) != len(heads) or len(backbone) != len(heads):
+            raise BranchifyError(f"{len(backbone)} backbone costs, {len(heads)} heads and {len(judged)} judged flags; "
+                                 "give one of each per exit")
+        charged = [h if j else 0.0 for h, j in zip(heads, judged)]
+        exits = [b + sum(charged[: i + 1]) for i, b in enumerate(backbone)]
+        return cls(exits=exits, full=original + sum(charged), original=original, backbone=list(backbone),
+                   heads=list(heads), judged=judged)
+
+    def judging(self, judged: Sequence[bool]) -> ExitCosts:
+        """These costs when only the heads marked in ``judged`` run."""
+        return ExitCosts.of(self.backbone, self.heads, self.original, judged)
 
     @property
     def per_exit(self) -> list[float]:
@@ -54,12 +74,6 @@ class ExitCosts:
     def saving(self, shares: Sequence[float]) -> float:
         """Fraction of the original model's MACs saved: ``1 - expected / original``."""
         return 1.0 - self.expected(shares) / self.original
-
-
-def _costs(backbone: list[float], heads: list[float], total_backbone: float) -> ExitCosts:
-    exits = [b + sum(heads[: i + 1]) for i, b in enumerate(backbone)]
-    return ExitCosts(exits=exits, full=total_backbone + sum(heads), original=total_backbone,
-                     backbone=backbone, heads=heads)
 
 
 def _head_macs(head: nn.Module, shape: tuple[int, ...]) -> float:
@@ -95,7 +109,7 @@ def graph_costs(module: nn.Module, inputs: Inputs) -> ExitCosts:
             heads.append(macs / batch)
         else:
             running += macs
-    return _costs(backbone, heads, running / batch)
+    return ExitCosts.of(backbone, heads, running / batch)
 
 
 def hook_costs(module: nn.Module, inputs: Inputs) -> ExitCosts:
@@ -109,4 +123,4 @@ def hook_costs(module: nn.Module, inputs: Inputs) -> ExitCosts:
         total = counter.get_total_flops() / 2
     backbone = [seen[i][0] / batch for i in range(len(module.exit_heads))]
     heads = [_head_macs(h, seen[i][1]) for i, h in enumerate(module.exit_heads)]
-    return _costs(backbone, heads, total / batch)
+    return ExitCosts.of(backbone, heads, total / batch)

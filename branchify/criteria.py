@@ -2,7 +2,13 @@
 
 A criterion maps logits ``(B, C)`` to scores ``(B,)``; a sample leaves when its score is strictly
 below the threshold (``exits_when="below"``) or at least the threshold (``"above"``). A NaN score
-never fires.
+never fires. Each criterion declares the range its scores lie in (``low``, ``high``), so that
+calibration can place thresholds without sentinel values, whatever the sign of the scores.
+
+``"patience"`` (PABEE, Zhou et al. 2020) looks across exits: its score at an exit is the number of
+consecutive judged exits, ending there, that predict the same class; with threshold ``t`` it fires
+when exit ``i`` and the ``t - 1`` judged exits before it agree. ``branchify.routing`` carries that
+count from exit to exit.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ class Criterion:
     """A named exit rule. ``needs_labels`` marks rules that read the target (not deployable)."""
 
     name: str
-    score_fn: ScoreFn
+    score_fn: ScoreFn | None
     exits_when: Literal["below", "above"]
     needs_labels: bool = False
+    low: float = -math.inf
+    high: float = math.inf
+    across_exits: bool = False  # the score depends on the exits before (patience), not on one exit's logits
 
     def score(self, logits: torch.Tensor, target: torch.Tensor | None = None,
               temperature: float = 1.0) -> torch.Tensor:
@@ -39,6 +48,10 @@ class Criterion:
         Large CPU batches are scored a block of rows at a time (``branchify._rows``), so score
         functions must be per-sample: a row's score may depend on that row alone.
         """
+        if self.across_exits:
+            raise BranchifyError(
+                f"criterion {self.name!r} scores a sample across exits (its score is a run of agreeing exits), so one "
+                "exit's logits do not give it; route with branchify.routing, which carries the run from exit to exit")
         if self.needs_labels and target is None:
             raise BranchifyError(
                 f"criterion {self.name!r} reads the labels, but no target was given; pass the "
@@ -54,10 +67,12 @@ class Criterion:
         fired = scores < threshold if self.exits_when == "below" else scores >= threshold
         return fired & ~torch.isnan(scores)
 
-    @property
-    def never(self) -> float:
-        """A threshold at which no sample fires (used to switch an exit off)."""
-        return -math.inf if self.exits_when == "below" else math.inf
+    def check_threshold(self, threshold: float, where: str = "") -> None:
+        """Refuse a threshold this criterion cannot use (patience counts exits: a positive integer)."""
+        if self.across_exits and not (float(threshold).is_integer() and threshold >= 1):
+            raise BranchifyError(
+                f"{where}criterion {self.name!r} takes a positive integer threshold (how many consecutive exits must "
+                f"agree), got {threshold!r}; use e.g. threshold=2")
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -87,12 +102,13 @@ def _distiller(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 _REGISTRY: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, score_fn: ScoreFn,
-                       exits_when: Literal["below", "above"] = "below") -> Criterion:
+def register_criterion(name: str, score_fn: ScoreFn, exits_when: Literal["below", "above"] = "below", *,
+                       low: float = -math.inf, high: float = math.inf) -> Criterion:
     """Register a label-free exit criterion under ``name``.
 
-    ``score_fn(logits) -> scores`` maps ``(B, C)`` logits to ``(B,)`` scores. A registered name
-    can then be used in ``ExitSpec(criterion=...)`` or per exit.
+    ``score_fn(logits) -> scores`` maps ``(B, C)`` logits to ``(B,)`` scores, which lie in
+    ``[low, high]`` (default: any real number; calibration refuses scores outside the range). A
+    registered name can then be used in ``ExitSpec(criterion=...)`` or per exit.
 
     >>> import torch, branchify as bx
     >>> crit = bx.register_criterion("top_logit", lambda z: z.amax(dim=-1), exits_when="above")
@@ -107,7 +123,10 @@ def register_criterion(name: str, score_fn: ScoreFn,
         raise BranchifyError(f"score_fn for criterion {name!r} must be callable, got {score_fn!r}")
     if name in _BUILTIN:
         raise BranchifyError(f"criterion {name!r} is built in and cannot be replaced; choose another name")
-    crit = Criterion(name, score_fn, exits_when)
+    if isinstance(low, bool) or isinstance(high, bool) or not (isinstance(low, (int, float))
+                                                               and isinstance(high, (int, float)) and low < high):
+        raise BranchifyError(f"criterion {name!r}: the score range needs low < high, got low={low!r}, high={high!r}")
+    crit = Criterion(name, score_fn, exits_when, low=float(low), high=float(high))
     _REGISTRY[name] = crit
     return crit
 
@@ -128,9 +147,10 @@ def get_criterion(name: str) -> Criterion:
 
 
 _BUILTIN = {
-    "entropy": Criterion("entropy", _entropy, "below"),
-    "confidence": Criterion("confidence", _confidence, "above"),
-    "margin": Criterion("margin", _margin, "above"),
-    "distiller": Criterion("distiller", _distiller, "below", needs_labels=True),
+    "entropy": Criterion("entropy", _entropy, "below", low=0.0),
+    "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0),
+    "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0),
+    "distiller": Criterion("distiller", _distiller, "below", needs_labels=True, low=0.0),
+    "patience": Criterion("patience", None, "above", low=1.0, across_exits=True),
 }
 _REGISTRY.update(_BUILTIN)

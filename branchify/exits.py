@@ -65,16 +65,17 @@ class Exits:
     exit_path: str
 
     def exit_costs(self, inputs: Inputs) -> ExitCosts:
-        """Per-sample MACs of each exit for inputs shaped like ``inputs``: counted once per input signature
-        (shapes without the batch dim, dtypes, devices), then read from the module."""
+        """Per-sample MACs of each exit for inputs shaped like ``inputs``, the heads of exits that are off not
+        charged: counted once per input signature (shapes without the batch dim, dtypes, devices), then read
+        from the module."""
         key = inputs.signature()
         memo = self.__dict__.setdefault("_exit_cost_memo", {})
-        if key is None or key not in memo:
+        costs = memo.get(key) if key is not None else None
+        if costs is None:
             costs = self._count_exit_costs(inputs)
-            if key is None:
-                return costs
-            memo[key] = costs
-        return memo[key]
+            if key is not None:
+                memo[key] = costs
+        return costs.judging(self.exit_spec.judged)
 
     def _count_exit_costs(self, inputs: Inputs) -> ExitCosts:
         raise NotImplementedError

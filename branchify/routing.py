@@ -1,8 +1,11 @@
 """The routing rule, in one place: a sample leaves at the first exit whose criterion fires.
 
-Statistics, the runtime (both capture paths), calibration and the sweep all decide with it: an
-``ExitRule`` per exit says which samples that exit lets out, and ``first_exit`` turns the per-exit
-decisions into the exit each sample takes (``k``, the final exit, when none fires).
+Statistics, the runtime (both capture paths), calibration and the sweep all decide with it. Each exit
+has an ``ExitRule``, or None when the exit is off (its threshold is unset while others are set): an
+off exit is never judged, so its head need not run. ``Judge`` walks the exits in order for a batch,
+carrying what a criterion across exits needs (``"patience"``: each sample's run of agreeing exits),
+and ``first_exit`` turns per-exit decisions into the exit each sample takes (``k``, the final exit,
+when none fires).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
 
-__all__ = ["ExitRule", "exit_rules", "first_exit", "route"]
+__all__ = ["ExitRule", "Judge", "exit_rules", "first_exit", "route"]
 
 
 @dataclass(frozen=True)
@@ -26,28 +29,75 @@ class ExitRule:
     threshold: float
     temperature: float
 
-    def fires(self, logits: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Boolean mask of the samples this exit lets out, judged on its ``logits``."""
+    def fires(self, logits: torch.Tensor, target: torch.Tensor | None = None,
+              streak: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean mask of the samples this exit lets out, judged on its ``logits`` (``streak``: the run of
+        agreeing exits ending here, for a criterion across exits)."""
+        if self.criterion.across_exits:
+            if streak is None:
+                raise BranchifyError(f"criterion {self.criterion.name!r} needs the exits before; route with Judge")
+            return streak >= self.threshold
         return self.criterion.fires(self.criterion.score(logits, target, self.temperature), self.threshold)
 
 
-def exit_rules(spec, *, deployed: bool = False) -> list[ExitRule]:
-    """The rules of every exit of ``spec``; ``deployed=True`` refuses criteria that read labels."""
-    thresholds = spec.thresholds
-    if thresholds is None:
+def exit_rules(spec, *, deployed: bool = False) -> list[ExitRule | None]:
+    """The rule of every exit of ``spec`` (None where the exit is off); ``deployed=True`` refuses criteria that
+    read labels. A spec without any threshold cannot route and is refused."""
+    thresholds = [p.threshold for p in spec.exits]
+    if all(t is None for t in thresholds):
         raise BranchifyError(
-            "the spec has no thresholds, so no sample can be routed to an exit; give every ExitPoint a threshold, "
-            "or calibrate them with bx.calibrate(module, loader, max_accuracy_drop=0.01)")
-    rules = []
+            "no exit of the spec has a threshold, so no sample can be routed to an exit; give the exits thresholds "
+            "(an exit left without one is off), or calibrate them with "
+            "bx.calibrate(module, loader, max_accuracy_drop=0.01)")
+    rules: list[ExitRule | None] = []
     for i, point in enumerate(spec.exits):
+        if point.threshold is None:
+            rules.append(None)
+            continue
         criterion = get_criterion(spec.criterion_of(i))
         if deployed and criterion.needs_labels:
             raise BranchifyError(
                 f"exit {i} ({point.layer!r}) uses criterion {criterion.name!r}, which reads the labels (its score is "
                 "the loss against the target), and there are no labels at inference; use a label-free criterion "
                 "such as 'entropy' or 'confidence' (bx.calibrate can set its thresholds)")
-        rules.append(ExitRule(criterion, thresholds[i], point.temperature))
+        rules.append(ExitRule(criterion, float(point.threshold), point.temperature))
     return rules
+
+
+class Judge:
+    """Judges a batch exit by exit, in order; the per-sample memory across exits travels with it.
+
+    ``judge.fires(i, logits)`` says which samples exit ``i`` lets out (exit ``i`` must be on); after
+    some samples leave, ``judge.keep(index)`` keeps the memory of those that go on.
+    """
+
+    def __init__(self, rules: Sequence[ExitRule | None], target: torch.Tensor | None = None) -> None:
+        self.rules = list(rules)
+        self.target = target
+        self._remembers = any(r is not None and r.criterion.across_exits for r in self.rules)
+        self._prediction: torch.Tensor | None = None
+        self._streak: torch.Tensor | None = None
+
+    def fires(self, i: int, logits: torch.Tensor) -> torch.Tensor:
+        rule = self.rules[i]
+        if rule is None:
+            raise BranchifyError(f"exit {i} is off (no threshold); it is never judged")
+        streak = None
+        if self._remembers:
+            prediction = logits.argmax(dim=-1)
+            if self._prediction is None:
+                streak = torch.ones_like(prediction)
+            else:
+                streak = torch.where(prediction == self._prediction, self._streak + 1, 1)
+            self._prediction, self._streak = prediction, streak
+        return rule.fires(logits, self.target, streak)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the memory of the samples at ``index`` (those that go on)."""
+        if self._prediction is not None:
+            self._prediction, self._streak = self._prediction[index], self._streak[index]
+        if self.target is not None:
+            self.target = self.target[index]
 
 
 def first_exit(fired: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -74,4 +124,7 @@ def route(spec, exit_logits: Sequence[torch.Tensor], target: torch.Tensor | None
     rules = exit_rules(spec)
     if len(exit_logits) != len(rules):
         raise BranchifyError(f"{len(exit_logits)} exit outputs for a spec with {len(rules)} exits")
-    return first_exit([rule.fires(z, target) for rule, z in zip(rules, exit_logits)])
+    judge = Judge(rules, target)
+    none = torch.zeros(exit_logits[0].shape[0], dtype=torch.bool, device=exit_logits[0].device)
+    return first_exit([none if rule is None else judge.fires(i, z)
+                       for i, (rule, z) in enumerate(zip(rules, exit_logits))])

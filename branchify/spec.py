@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
+from .criteria import get_criterion
 from .errors import BranchifyError, SpecError
 from .heads import SHARED_FIELDS, head_kind, registered_heads
 from .layout import Layout
@@ -139,7 +140,7 @@ class ExitPoint(_SpecModel):
 
     layer: Annotated[str, Field(min_length=1)]
     head: HeadSpec = Field(default_factory=HeadSpec)
-    threshold: NonNegative | None = None
+    threshold: Annotated[float, Field(allow_inf_nan=False)] | None = None
     weight: NonNegative | None = None
     criterion: str | None = None
     temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
@@ -148,8 +149,6 @@ class ExitPoint(_SpecModel):
     @classmethod
     def _known_criterion(cls, name: str | None) -> str | None:
         if name is not None:
-            from .criteria import get_criterion
-
             get_criterion(name)
         return name
 
@@ -158,8 +157,9 @@ class ExitSpec(_SpecModel):
     """All exits of a model, and the exit criterion.
 
     Loss weights are for the early exits; the final exit gets ``1 - sum(weights)``, so the sum
-    must stay below 1 (Distiller's convention). Thresholds are given for every exit or for none,
-    and so are weights.
+    must stay below 1 (Distiller's convention); they are given for every exit or for none. An exit
+    without a threshold while others have one is off: never judged, its head never run or charged.
+    With no threshold at all, nothing routes (training, forced statistics).
 
     >>> import branchify as bx
     >>> spec = bx.ExitSpec(exits=[
@@ -181,8 +181,6 @@ class ExitSpec(_SpecModel):
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, name: str) -> str:
-        from .criteria import get_criterion
-
         get_criterion(name)
         return name
 
@@ -197,13 +195,13 @@ class ExitSpec(_SpecModel):
                     f"exit {i} repeats layer {point.layer!r} (already exit {seen[point.layer]}); "
                     "each layer can carry one exit")
             seen[point.layer] = i
-        for field in ("threshold", "weight"):
-            given = [i for i, p in enumerate(self.exits) if getattr(p, field) is not None]
-            if given and len(given) != len(self.exits):
-                missing = [f"exit {i} ({p.layer!r})" for i, p in enumerate(self.exits)
-                           if getattr(p, field) is None]
-                raise BranchifyError(
-                    f"{field}s must be given for all exits or for none; missing for {', '.join(missing)}")
+        given = [i for i, p in enumerate(self.exits) if p.weight is not None]
+        if given and len(given) != len(self.exits):
+            missing = [f"exit {i} ({p.layer!r})" for i, p in enumerate(self.exits) if p.weight is None]
+            raise BranchifyError(f"weights must be given for all exits or for none; missing for {', '.join(missing)}")
+        for i, point in enumerate(self.exits):
+            if point.threshold is not None:
+                get_criterion(self.criterion_of(i)).check_threshold(point.threshold, f"exit {i} ({point.layer!r}): ")
         weights = self.weights
         if weights is not None and not math.fsum(weights) < 1:
             parts = " + ".join(f"{w:g} (exit {i}, {p.layer!r})" for i, (w, p) in enumerate(zip(weights, self.exits)))
@@ -217,10 +215,16 @@ class ExitSpec(_SpecModel):
         return [p.layer for p in self.exits]
 
     @property
-    def thresholds(self) -> list[float] | None:
-        """The exit thresholds, or None when the spec has none."""
+    def thresholds(self) -> list[float | None] | None:
+        """The exit thresholds (None for an exit that is off), or None when the spec has none."""
         values = [p.threshold for p in self.exits]
-        return None if values[0] is None else [float(v) for v in values]  # type: ignore[arg-type]
+        return None if all(v is None for v in values) else [None if v is None else float(v) for v in values]
+
+    @property
+    def judged(self) -> list[bool]:
+        """Which exits are judged: all of them without thresholds (nothing routes), else those with one."""
+        values = [p.threshold is not None for p in self.exits]
+        return values if any(values) else [True] * len(values)
 
     @property
     def weights(self) -> list[float] | None:

@@ -12,13 +12,10 @@ Counts accumulate as integer tensors on the outputs' device, one ``index_add_`` 
 
 from __future__ import annotations
 
-import dataclasses
-import html
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -31,147 +28,11 @@ from .errors import BranchifyError
 from .exits import Exits
 from .routing import route
 from .spec import ExitSpec
+from .summary import ClassRow, ExitRow, ExitStatsSummary
 
 __all__ = ["ExitRow", "ExitStats", "ExitStatsSummary"]
 
 Mode = Literal["routed", "forced"]
-_MEGA = 1e6
-
-
-@dataclass(frozen=True)
-class ExitRow:
-    """One exit's figures in an ``ExitStatsSummary``; percentages are 0-100, as Distiller printed them.
-
-    ``exit`` counts from 0; the last row is the final exit (``layer == "final"``). ``taken`` and
-    ``percent`` are the samples that left here and their share of all samples (routed mode; None in
-    forced mode). ``accuracy`` maps ``"top1"``, ``"top5"``, ... to the accuracy over the samples
-    judged here (taken ones when routed, all when forced); None when none were, or without labels.
-    ``loss`` is the mean cross-entropy over all samples (forced mode); ``macs`` the MACs a sample
-    leaving here costs (when the stats were given costs).
-
-    >>> import branchify as bx
-    >>> row = bx.stats.ExitRow(exit=0, layer="layer1", taken=3, percent=75.0, accuracy={"top1": 100.0},
-    ...                        loss=None, macs=None)
-    >>> row.accuracy["top1"]
-    100.0
-    """
-
-    exit: int
-    layer: str
-    taken: int | None
-    percent: float | None
-    accuracy: dict[str, float] | None
-    loss: float | None
-    macs: float | None
-
-
-@dataclass(frozen=True)
-class ExitStatsSummary:
-    """The figures ``ExitStats`` has accumulated, as data; percentages are 0-100.
-
-    ``exits`` holds one ``ExitRow`` per exit, the final one last. ``totals`` is the top-k accuracy
-    over all samples with early exits taken (routed mode with labels). With costs:
-    ``original_macs`` (the unmodified model), and in routed mode ``expected_macs`` (per sample,
-    given the shares taken) and ``saving_percent`` (``100 * (1 - expected / original)``).
-    ``lines()`` gives the report's lines, ``to_dict()`` plain data for JSON.
-
-    >>> import torch, branchify as bx
-    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1", threshold=0.5)])
-    >>> stats = bx.ExitStats(spec)
-    >>> stats.update((torch.tensor([[9.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 9.0], [0.0, 9.0]])),
-    ...              torch.tensor([0, 1]))
-    >>> summary = stats.summary()
-    >>> [row.taken for row in summary.exits], summary.totals["top1"]
-    ([1, 1], 100.0)
-    >>> summary.to_dict()["exits"][0]["percent"]
-    50.0
-    """
-
-    mode: str
-    samples: int
-    num_classes: int
-    topk: tuple[int, ...]
-    exits: tuple[ExitRow, ...]
-    totals: dict[str, float] | None
-    original_macs: float | None
-    expected_macs: float | None
-    saving_percent: float | None
-
-    @property
-    def labeled(self) -> bool:
-        """Whether accuracy was measured (targets were given)."""
-        return self.mode == "forced" or self.totals is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The summary as plain data (dicts, lists, numbers, strings), ready for ``json.dumps``."""
-        return dataclasses.asdict(self)
-
-    def lines(self) -> list[str]:
-        """The report's lines: Distiller's, in Distiller's order and formats, then the MACs."""
-        rows = self.exits
-        lines: list[str] = []
-        if self.mode == "routed":
-            lines += [f"Exit {r.exit}: {r.taken}" for r in rows if r.taken]
-            lines += [f"Percent Early Exit {r.exit}: {r.percent:.3f}" for r in rows if r.taken]
-            if self.totals is None:
-                lines.append("Accuracy not measured: update() was given no targets")
-            else:
-                # Distiller prints 0 for an exit that no sample took
-                lines += [f"Accuracy Stats for exit {r.exit}: {self._topk_text(r.accuracy)}" for r in rows]
-                lines.append(f"Totals for entire network with early exits: {self._topk_text(self.totals)}")
-        else:
-            lines += [f"Accuracy Stats for exit {r.exit}: {self._topk_text(r.accuracy)}" for r in rows]
-            lines += [f"Mean loss for exit {r.exit}: {r.loss:.5f}" for r in rows]
-        if self.original_macs is not None:
-            for r in rows:
-                which = " (final)" if r.layer == "final" else ""
-                lines.append(f"MACs at exit {r.exit}{which}: {r.macs / _MEGA:.3f} MMACs")
-            lines.append(f"MACs of the original model: {self.original_macs / _MEGA:.3f} MMACs")
-            if self.expected_macs is not None:
-                lines.append(f"Expected MACs per sample: {self.expected_macs / _MEGA:.3f} MMACs")
-                lines.append(f"Saving vs the original model: {self.saving_percent:.3f}%")
-        return lines
-
-    def _topk_text(self, accuracy: dict[str, float] | None) -> str:
-        return ", ".join(f"top{k} = {(accuracy or {}).get(f'top{k}', 0.0):.3f}" for k in self.topk)
-
-    def _grid(self) -> tuple[list[str], list[list[str]], list[str]]:
-        """Column names, one row of cells per exit, and notes below the table."""
-        routed, costs = self.mode == "routed", self.original_macs is not None
-        names = ["exit", "layer"] + (["taken", "percent"] if routed else [])
-        keys = [f"top{k}" for k in self.topk] if self.labeled else []
-        names += keys + ([] if routed else ["loss"]) + (["MMACs"] if costs else [])
-
-        def cells(exit_, layer, taken, percent, accuracy, loss, macs) -> list[str]:
-            out = [str(exit_), layer] + ([str(taken), f"{percent:.3f}"] if routed else [])
-            out += [f"{accuracy[k]:.3f}" if accuracy else "-" for k in keys]
-            out += [] if routed else [f"{loss:.5f}"]
-            return out + ([f"{macs / _MEGA:.3f}"] if costs else [])
-
-        grid = [cells(r.exit, r.layer, r.taken, r.percent, r.accuracy, r.loss, r.macs) for r in self.exits]
-        if routed:
-            grid.append(cells("all", "", self.samples, 100.0, self.totals, None, self.expected_macs or 0.0))
-        notes = []
-        if costs:
-            notes.append(f"original model: {self.original_macs / _MEGA:.3f} MMACs")
-            if self.saving_percent is not None:
-                notes.append(f"expected saving: {self.saving_percent:.3f}%")
-        return names, grid, notes
-
-    def __repr__(self) -> str:
-        names, grid, notes = self._grid()
-        widths = [max(len(row[j]) for row in [names, *grid]) for j in range(len(names))]
-        head = f"ExitStatsSummary(mode={self.mode!r}, samples={self.samples}, num_classes={self.num_classes})"
-        body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [names, *grid]]
-        return "\n".join([head, *body, *notes])
-
-    def _repr_html_(self) -> str:
-        names, grid, notes = self._grid()
-        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in grid)
-        caption = html.escape(f"ExitStatsSummary: {self.mode}, {self.samples} samples, {self.num_classes} classes")
-        foot = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-        return f"<table><caption>{caption}</caption><tr>{head}</tr>{body}</table>{foot}"
 
 
 class ExitStats:
@@ -222,9 +83,9 @@ class ExitStats:
             if spec.thresholds is None:
                 raise BranchifyError(
                     "routed statistics send each sample out of the first exit whose criterion passes its "
-                    "threshold, but the spec has no thresholds; give every ExitPoint a threshold "
-                    "(spec.with_exits(threshold=[...])), calibrate them with bx.calibrate, or use "
-                    "mode='forced' for training statistics")
+                    "threshold, but no exit of the spec has a threshold; give the exits thresholds "
+                    "(spec.with_exits(threshold=[...]); an exit left without one is off), calibrate them with "
+                    "bx.calibrate, or use mode='forced' for training statistics")
             if self._label_exits:
                 names = sorted({spec.criterion_of(i) for i in self._label_exits})
                 warnings.warn(
@@ -259,6 +120,8 @@ class ExitStats:
             self._table = torch.zeros(k + 1, maxk + 1, dtype=torch.int64, device=device)
             self._loss = torch.zeros(k + 1, dtype=torch.float64, device=device)
             self._invalid = torch.zeros((), dtype=torch.int64, device=device)
+            # routed with labels: per class and exit, the samples taken and the top-1 hits among them
+            self._per_class = torch.zeros(classes, k + 1, 2, dtype=torch.int64, device=device)
         self._num_classes, self._labeled = classes, safe is not None
         if invalid is not None:
             self._invalid += invalid
@@ -267,6 +130,10 @@ class ExitStats:
             taken = route(self.spec, exits, safe)
             rank = torch.full_like(taken, maxk) if safe is None else _taken_ranks(logits, taken, safe, maxk)
             cells = taken * (maxk + 1) + rank
+            if safe is not None:
+                where = (safe * (k + 1) + taken) * 2
+                self._per_class.view(-1).index_add_(0, torch.cat([where, where + 1]),
+                                                    torch.cat([torch.ones_like(where), (rank == 0).long()]))
         else:
             ranks = torch.stack([_label_rank(z, safe, maxk) for z in logits])
             offsets = torch.arange(k + 1, device=device)[:, None] * (maxk + 1)
@@ -354,8 +221,10 @@ class ExitStats:
                 exit=i, layer=self.spec.exits[i].layer if i < len(self.spec.exits) else "final",
                 taken=n if routed else None, percent=100.0 * n / samples if routed else None,
                 accuracy=accuracy, loss=None if routed else losses[i] / samples, macs=per_exit[i]))
-        totals = expected = saving = None
+        totals = expected = saving = per_class = None
         if routed and labeled:
+            per_class = tuple(ClassRow.of(c, counts_hits) for c, counts_hits in enumerate(self._per_class.tolist())
+                              if sum(n for n, _ in counts_hits))
             # Distiller's formula: each exit's accuracy weighted by its share of the samples
             totals = {f"top{k}": sum((r.accuracy or {}).get(f"top{k}", 0.0) * (r.taken / samples) for r in rows)
                       for k in self.topk}
@@ -366,7 +235,7 @@ class ExitStats:
         return ExitStatsSummary(
             mode=self.mode, samples=samples, num_classes=classes, topk=self.topk, exits=tuple(rows), totals=totals,
             original_macs=None if self.costs is None else self.costs.original, expected_macs=expected,
-            saving_percent=saving)
+            saving_percent=saving, per_class=per_class)
 
     def report(self, file: TextIO | None = None) -> str:
         """Print the report (to ``file``, default stdout) and return its text.
@@ -430,4 +299,4 @@ def _checked_costs(costs: ExitCosts | None, spec: ExitSpec) -> ExitCosts | None:
         raise BranchifyError(
             f"costs cover {len(costs.exits)} early exit(s) but the spec has {len(spec.exits)}; compute them from "
             "the same module: bx.exit_costs(module, x) with bx.ExitStats(module.exit_spec, ...)")
-    return costs
+    return costs.judging(spec.judged)  # an exit this spec switches off is not charged

@@ -45,6 +45,7 @@ from .criteria import get_criterion
 from .errors import BranchifyError
 from .exits import exit_module
 from .points import list_exit_points
+from .routing import route
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .surgery import attach_exits
 
@@ -85,7 +86,7 @@ class FrontierPoint:
     """
 
     layers: tuple[str, ...]
-    thresholds: tuple[float, ...]
+    thresholds: tuple[float | None, ...]
     mac_fraction: float
     accuracy: float
 
@@ -283,11 +284,7 @@ def train_heads(module: nn.Module, loader: Iterable, *, epochs: int, lr: float, 
 
 def subset_costs(costs: ExitCosts, chosen: Sequence[int]) -> ExitCosts:
     """The costs of a module that keeps only the exits ``chosen`` (sorted, in graph order)."""
-    backbone = [costs.backbone[i] for i in chosen]
-    heads = [costs.heads[i] for i in chosen]
-    exits = [b + sum(heads[: j + 1]) for j, b in enumerate(backbone)]
-    return ExitCosts(exits=exits, full=costs.original + sum(heads), original=costs.original, backbone=backbone,
-                     heads=heads)
+    return ExitCosts.of([costs.backbone[i] for i in chosen], [costs.heads[i] for i in chosen], costs.original)
 
 
 def _pareto(macs: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -388,19 +385,17 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
               for i, layer in enumerate(layers)}
 
     crit = get_criterion(criterion)
-    scores = [crit.score(z, cached.targets) for z in cached.exit_logits]
-    ladders = [candidate_thresholds(s, crit, _SEARCH_STEPS, where=f"candidate {layers[i]!r}: ")
-               for i, s in enumerate(scores)]
-    rungs = [first_rung(s, crit, ladder) for s, ladder in zip(scores, ladders)]
     n, m = cached.samples, len(layers)
     final_correct = int(correct[-1].sum())
+    if crit.across_exits:
+        tables = _patience_tables(cached, correct, costs, layers, criterion)
+    else:
+        tables = _grid_tables(cached, correct, costs, layers, crit)
     sets = [c for size in range(1, min(max_exits, m) + 1) for c in itertools.combinations(range(m), size)]
     best_key, best_set = None, None
     points_macs, points_right, points_where = [], [], []
     for chosen in tqdm(sets, desc="sweep: searching exit sets", disable=not progress, leave=False):
-        sub = subset_costs(costs, chosen)
-        right, macs = outcome_tables([rungs[i] for i in chosen], [len(ladders[i]) for i in chosen],
-                                     correct[[*chosen, m]], sub.per_exit)
+        right, macs, thresholds_of = tables(chosen)
         flat, met = select(right, macs, samples=n, final_correct=final_correct, target="max_accuracy_drop",
                            value=max_accuracy_drop, original=costs.original)
         if met:
@@ -410,16 +405,16 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
         keep = _pareto(macs.reshape(-1), right.reshape(-1))
         points_macs.append(macs.reshape(-1)[keep])
         points_right.append(right.reshape(-1)[keep])
-        points_where.extend((chosen, int(f)) for f in keep)
+        points_where.extend((chosen, thresholds_of(int(f))) for f in keep)
     assert best_set is not None  # every set meets a non-negative target with its exits off
 
-    frontier = _frontier(points_macs, points_right, points_where, ladders, layers, costs, n, final_correct)
+    frontier = _frontier(points_macs, points_right, points_where, layers, costs, n, final_correct)
     chosen_spec = ExitSpec(exits=[module.exit_spec.exits[i] for i in best_set], criterion=criterion)
     sub_cached = Cached([cached.exit_logits[i] for i in best_set], cached.final, cached.targets,
                         cached.example_inputs)
     steps = max(default_grid_size(len(best_set)), _SEARCH_STEPS)
     best = calibrate_cached(chosen_spec, sub_cached, subset_costs(costs, best_set), target="max_accuracy_drop",
-                            value=float(max_accuracy_drop), grid_size=steps)
+                            value=float(max_accuracy_drop), guarantee=False, grid_size=steps)
     if best.mac_fraction >= 1.0:
         warnings.warn(
             f"no set of at most {max_exits} exits saves compute within max_accuracy_drop={max_accuracy_drop:g} on "
@@ -429,8 +424,52 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
                        final_accuracy=final_correct / n, samples=n, sets_searched=len(sets), settings=settings)
 
 
+def _grid_tables(cached: Cached, correct: torch.Tensor, costs: ExitCosts, layers: list[str], crit):
+    """Per exit set, the correct counts and MACs of every threshold combination on the grid."""
+    scores = [crit.score(z, cached.targets) for z in cached.exit_logits]
+    ladders = [candidate_thresholds(s, crit, _SEARCH_STEPS, where=f"candidate {layers[i]!r}: ")
+               for i, s in enumerate(scores)]
+    rungs = [first_rung(s, crit, ladder) for s, ladder in zip(scores, ladders)]
+    m = len(layers)
+
+    def tables(chosen: tuple[int, ...]):
+        sizes = [len(ladders[i]) for i in chosen]
+        right, macs = outcome_tables([rungs[i] for i in chosen], sizes, correct[[*chosen, m]],
+                                     subset_costs(costs, chosen))
+
+        def thresholds_of(flat: int) -> tuple[float | None, ...]:
+            cell = torch.unravel_index(torch.tensor(flat), tuple(sizes))
+            return tuple(ladders[i][int(j)] for i, j in zip(chosen, cell))
+
+        return right, macs, thresholds_of
+
+    return tables
+
+
+def _patience_tables(cached: Cached, correct: torch.Tensor, costs: ExitCosts, layers: list[str], criterion: str):
+    """Per exit set, the correct counts and MACs of each patience (off, then 1 .. the set's size)."""
+    m, n = len(layers), cached.samples
+
+    def tables(chosen: tuple[int, ...]):
+        candidates = [None, *map(float, range(1, len(chosen) + 1))]
+        sub = subset_costs(costs, chosen)
+        right, macs = [], []
+        for t in candidates:
+            if t is None:
+                taken, paid = torch.full((n,), len(chosen), dtype=torch.int64), sub.judging([False] * len(chosen))
+            else:
+                spec = ExitSpec(exits=[ExitPoint(layer=layers[i], threshold=t) for i in chosen], criterion=criterion)
+                taken, paid = route(spec, [cached.exit_logits[i] for i in chosen]), sub
+            right.append(int(correct[[*chosen, m]][taken, torch.arange(n)].sum()))
+            macs.append(float(torch.tensor(paid.per_exit, dtype=torch.float64)[taken].sum()))
+        return (torch.tensor(right), torch.tensor(macs, dtype=torch.float64),
+                lambda flat: (candidates[flat],) * len(chosen))
+
+    return tables
+
+
 def _frontier(points_macs: list[torch.Tensor], points_right: list[torch.Tensor],
-              points_where: list[tuple[tuple[int, ...], int]], ladders: list[list[float]], layers: list[str],
+              points_where: list[tuple[tuple[int, ...], tuple[float | None, ...]]], layers: list[str],
               costs: ExitCosts, n: int, final_correct: int) -> list[FrontierPoint]:
     macs = torch.cat([*points_macs, torch.tensor([costs.original * n], dtype=torch.float64)])
     right = torch.cat([*points_right, torch.tensor([final_correct])])
@@ -439,11 +478,8 @@ def _frontier(points_macs: list[torch.Tensor], points_right: list[torch.Tensor],
         if index == len(points_where):
             frontier.append(FrontierPoint((), (), 1.0, final_correct / n))
             continue
-        chosen, flat = points_where[index]
-        cell = torch.unravel_index(torch.tensor(flat), tuple(len(ladders[i]) for i in chosen))
-        frontier.append(FrontierPoint(
-            layers=tuple(layers[i] for i in chosen),
-            thresholds=tuple(ladders[i][int(j)] for i, j in zip(chosen, cell)),
-            mac_fraction=float(macs[index]) / (costs.original * n),
-            accuracy=int(right[index]) / n))
+        chosen, thresholds = points_where[index]
+        frontier.append(FrontierPoint(layers=tuple(layers[i] for i in chosen), thresholds=thresholds,
+                                      mac_fraction=float(macs[index]) / (costs.original * n),
+                                      accuracy=int(right[index]) / n))
     return frontier

@@ -70,10 +70,18 @@ def exhaustive(module: nn.Module, spec: bx.ExitSpec, x: torch.Tensor, y: torch.T
         outputs = module(x)
     exits, final = list(outputs[:-1]), outputs[-1]
     logits = [*exits, final]
-    costs = torch.tensor(bx.exit_costs(module, x[:1]).per_exit, dtype=torch.float64)
+    built = module.exit_spec
     results = []
     for combo in itertools.product(*grid):
-        taken = route(spec.with_exits(threshold=list(combo)), exits)
+        combo_spec = spec.with_exits(threshold=list(combo))
+        if combo_spec.thresholds is None:  # every exit off: the final exit, no head run
+            taken = torch.full((len(y),), len(exits))
+            costs = torch.tensor([bx.exit_costs(module, x[:1]).original] * (len(exits) + 1), dtype=torch.float64)
+        else:
+            taken = route(combo_spec, exits)
+            module.exit_spec = combo_spec  # exit_costs charges only the heads of exits that are on
+            costs = torch.tensor(bx.exit_costs(module, x[:1]).per_exit, dtype=torch.float64)
+            module.exit_spec = built
         predicted = torch.stack([z.argmax(-1) for z in logits])[taken, torch.arange(len(y))]
         results.append((float((predicted == y).double().mean()), float(costs[taken].mean())))
     return results
@@ -90,7 +98,7 @@ def crafted():
 def test_accuracy_target_is_the_exhaustive_optimum(k, criterion):
     module = crafted_module(k, criterion=criterion)
     x, y = crafted_data(500, k)
-    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, grid_size=4, progress=False)
+    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, grid_size=4, guarantee=False, progress=False)
     assert cal.met and cal.accuracy_drop <= 0.01 + 1e-12
     assert cal.mac_fraction < 0.95, "easy samples separate early, so exits must save compute"
     final_accuracy = float((module(x)[-1].argmax(-1) == y).double().mean())
@@ -105,7 +113,7 @@ def test_accuracy_target_is_the_exhaustive_optimum(k, criterion):
 def test_mac_budget_is_the_exhaustive_optimum(k):
     module = crafted_module(k)
     x, y = crafted_data(500, k)
-    cal = bx.calibrate(module, loader_of(x, y), mac_budget=0.6, grid_size=4, progress=False)
+    cal = bx.calibrate(module, loader_of(x, y), mac_budget=0.6, grid_size=4, guarantee=False, progress=False)
     assert cal.met and cal.mac_fraction <= 0.6
     original = bx.exit_costs(module, x[:1]).original
     feasible = [(acc, macs) for acc, macs in exhaustive(module, cal.spec, x, y, cal.grid)
@@ -117,8 +125,8 @@ def test_mac_budget_is_the_exhaustive_optimum(k):
 
 def test_the_default_grid_refines_a_coarser_one(crafted):
     module, x, y = crafted
-    coarse = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, grid_size=4, progress=False)
-    fine = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, progress=False)
+    coarse = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, grid_size=4, guarantee=False, progress=False)
+    fine = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, guarantee=False, progress=False)
     assert default_grid_size(3) % 4 == 0
     assert all(set(c) <= set(f) for c, f in zip(coarse.grid, fine.grid))
     assert fine.met and fine.expected_macs <= coarse.expected_macs
@@ -126,7 +134,7 @@ def test_the_default_grid_refines_a_coarser_one(crafted):
 
 def test_figures_are_consistent(crafted):
     module, x, y = crafted
-    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.02, progress=False)
+    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.02, guarantee=False, progress=False)
     assert sum(cal.shares) == pytest.approx(1.0)
     assert len(cal.shares) == len(cal.exit_accuracy) == 4
     assert cal.accuracy_drop == pytest.approx(cal.final_accuracy - cal.accuracy)
@@ -135,36 +143,30 @@ def test_figures_are_consistent(crafted):
     assert cal.samples == 600 and cal.spec.layers == module.exit_spec.layers
     text = repr(cal)
     assert "met=True" in text and "max_accuracy_drop=0.02" in text and "saving" in text
+    assert "on the calibration data only" in text and "in-sample" in text
     assert "<table>" in cal._repr_html_()
 
 
 def test_unreachable_budget_is_reported(crafted):
     module, x, y = crafted
     with pytest.warns(UserWarning, match=r"mac_budget=0.05 is unreachable.*raise mac_budget"):
-        cal = bx.calibrate(module, loader_of(x, y), mac_budget=0.05, progress=False)
+        cal = bx.calibrate(module, loader_of(x, y), mac_budget=0.05, guarantee=False, progress=False)
     assert not cal.met
     assert cal.mac_fraction > 0.05, "never silently approximated: the figures are what the thresholds achieve"
     assert cal.shares[0] == pytest.approx(1.0)  # the closest it gets: everything leaves at the first exit
-
-
-def test_unreachable_accuracy_is_reported(crafted):
-    module, x, y = crafted
-    with pytest.warns(UserWarning, match=r"max_accuracy_drop=-0.5 is unreachable"):
-        cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=-0.5, progress=False)
-    assert not cal.met and cal.accuracy_drop > -0.5
 
 
 def test_reachable_targets_do_not_warn(crafted):
     module, x, y = crafted
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert bx.calibrate(module, loader_of(x, y), mac_budget=0.7, progress=False).met
+        assert bx.calibrate(module, loader_of(x, y), mac_budget=0.7, guarantee=False, progress=False).met
 
 
 def test_temperature_scaling_lowers_nll():
     module = crafted_module(head_scale=4.0)  # overconfident heads
     x, y = crafted_data(600)
-    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, temperature=True, progress=False)
+    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, temperature=True, guarantee=False, progress=False)
     with torch.no_grad():
         exits = module(x)[:-1]
     temperatures = [p.temperature for p in cal.spec.exits]
@@ -200,14 +202,14 @@ def test_risk_control_is_never_less_conservative(target, seed):
     module = crafted_module()
     x, y = crafted_data(2000, seed=seed)
     loader = loader_of(x, y, batch_size=500)
-    plain = bx.calibrate(module, loader, max_accuracy_drop=target, progress=False)
+    plain = bx.calibrate(module, loader, max_accuracy_drop=target, guarantee=False, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a tight target may certify nothing but "all exits off"
-        controlled = bx.calibrate(module, loader, max_accuracy_drop=target, delta=0.1, seed=seed, progress=False)
-    assert controlled.met and controlled.delta == 0.1
-    assert controlled.risk_bound is not None and controlled.risk_bound <= target
+        controlled = bx.calibrate(module, loader, max_accuracy_drop=target, seed=seed, progress=False)
+    assert controlled.met and controlled.delta == 0.1 and controlled.guarantee  # the default
+    assert controlled.drop_bound <= target and controlled.bounds.held_out and controlled.bounds.samples == 1000
     assert controlled.expected_macs >= plain.expected_macs
-    assert "certified drop" in repr(controlled)
+    assert "guaranteed on new data with probability 90%" in repr(controlled)
 
 
 def test_risk_control_with_temperature_scaling():
@@ -215,7 +217,7 @@ def test_risk_control_with_temperature_scaling():
     x, y = crafted_data(2000)
     cal = bx.calibrate(module, loader_of(x, y, 1000), max_accuracy_drop=0.05, delta=0.1, temperature=True,
                        progress=False)
-    assert cal.met and cal.risk_bound <= 0.05 and all(p.temperature > 1.2 for p in cal.spec.exits)
+    assert cal.met and cal.drop_bound <= 0.05 and all(p.temperature > 1.2 for p in cal.spec.exits)
 
 
 def test_risk_control_certifies_early_exits_when_data_allows():
@@ -242,16 +244,28 @@ def test_risk_control_holds_on_fresh_data():
         assert cal.evaluate(module, test_loader, progress=False).accuracy_drop <= 0.05
 
 
-def test_all_exits_off_when_nothing_can_be_certified(crafted):
+def test_too_few_samples_for_the_target_say_how_many_are_needed(crafted):
     module, x, y = crafted
-    with pytest.warns(UserWarning, match="every exit is off"):
+    # With no sample broken the drop bound is 1 - (delta / 2) ** (1 / n) on n held-out samples (closed form).
+    held_out = next(n for n in itertools.count(1) if 1 - 0.025 ** (1 / n) <= 0.001)
+    with pytest.warns(UserWarning, match=rf"needs at least {2 * held_out} calibration samples \({held_out} held "
+                                         r"out.*but there are 600"):
         cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.001, delta=0.05, progress=False)
-    assert cal.met and cal.shares[-1] == 1.0 and cal.risk_bound == 0.0
+    assert not cal.met, "never a silent met"
+    assert cal.shares[-1] == 1.0 and f"needs at least {2 * held_out}" in cal.note and "note: " in repr(cal)
+
+
+def test_all_exits_off_when_the_exits_are_not_good_enough():
+    module = crafted_module(head_scale=-1.0)  # heads that pick the wrong class when sure
+    x, y = crafted_data(2000)
+    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.02, progress=False)
+    assert cal.met and cal.shares[-1] == 1.0 and cal.drop_bound <= 0.02
+    assert cal.spec.thresholds is None and cal.mac_fraction == 1.0, "exits off cost nothing"
 
 
 def test_evaluate_on_another_split(crafted):
     module, x, y = crafted
-    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, progress=False)
+    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, guarantee=False, progress=False)
     x2, y2 = crafted_data(900, seed=7)
     other = cal.evaluate(module, loader_of(x2, y2), progress=False)
     assert other.samples == 900 and other.spec == cal.spec
@@ -267,7 +281,7 @@ def test_evaluate_on_another_split(crafted):
 
 def test_evaluate_rejects_a_module_with_other_exits(crafted):
     module, x, y = crafted
-    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, progress=False)
+    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, guarantee=False, progress=False)
     with pytest.raises(bx.BranchifyError, match="differ from the calibrated ones"):
         cal.evaluate(crafted_module(2), loader_of(x, y), progress=False)
 
@@ -276,7 +290,7 @@ def test_calibrate_leaves_the_module_as_it_was(crafted):
     module, x, y = crafted
     module.train()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, progress=False)
+    bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, guarantee=False, progress=False)
     assert module.training and all(m.training for m in module.modules())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     module.eval()
@@ -285,12 +299,17 @@ def test_calibrate_leaves_the_module_as_it_was(crafted):
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "exactly one target, got neither"),
     ({"max_accuracy_drop": 0.01, "mac_budget": 0.5}, "exactly one target, got both"),
-    ({"max_accuracy_drop": 2.0}, r"max_accuracy_drop=2.0 is outside"),
-    ({"max_accuracy_drop": math.nan}, "must be a finite number"),
-    ({"mac_budget": 0.0}, r"mac_budget=0.0 is outside"),
-    ({"mac_budget": "half"}, "must be a finite number"),
-    ({"mac_budget": 0.5, "delta": 0.1}, "delta=0.1 certifies an accuracy drop"),
-    ({"max_accuracy_drop": 0.01, "delta": 1.5}, r"delta=1.5 is outside"),
+    ({"max_accuracy_drop": 2.0}, r"max_accuracy_drop=2.0 is outside \(0, 1\)"),
+    ({"max_accuracy_drop": 0.0}, r"max_accuracy_drop=0.0 is outside \(0, 1\)"),
+    ({"max_accuracy_drop": -0.5}, r"max_accuracy_drop=-0.5 is outside \(0, 1\); give a fraction"),
+    ({"max_accuracy_drop": math.nan}, r"must be a number in \(0, 1\)"),
+    ({"mac_budget": 0.0}, r"mac_budget=0.0 is outside \(0, 1\)"),
+    ({"mac_budget": 1.0}, r"mac_budget=1.0 is outside \(0, 1\)"),
+    ({"mac_budget": "half"}, r"must be a number in \(0, 1\)"),
+    ({"max_accuracy_drop": 0.01, "delta": 1.5}, r"delta=1.5 is outside \(0, 1\)"),
+    ({"max_accuracy_drop": 0.01, "delta": 0.0}, r"delta=0.0 is outside \(0, 1\)"),
+    ({"max_accuracy_drop": 0.01, "delta": 0.1, "guarantee": False}, "guarantee=False asks for the plain fit"),
+    ({"max_accuracy_drop": 0.01, "guarantee": "yes"}, "guarantee must be True or False"),
     ({"max_accuracy_drop": 0.01, "grid_size": 1}, "grid_size must be an integer >= 2"),
     ({"max_accuracy_drop": 0.01, "temperature": "yes"}, "temperature must be True or False"),
 ])

@@ -69,3 +69,36 @@ def drop_upper_bound(routed_right: torch.Tensor, final_right: torch.Tensor, delt
     broken = int((final_right & ~routed_right).sum())
     fixed = int((routed_right & ~final_right).sum())
     return clopper_pearson_upper(broken, n, delta / 2) - clopper_pearson_lower(fixed, n, delta / 2)
+
+
+def cost_upper_bound(taken: torch.Tensor, per_exit: list[float], delta: float) -> float:
+    """Upper bound (level ``1 - delta``) on the expected per-sample MACs when each sample leaves at ``taken``.
+
+    A sample's cost is ``per_exit[0]`` plus, for each later exit ``j`` it reaches, the step
+    ``per_exit[j] - per_exit[j - 1]``; the share reaching ``j`` is a binomial rate, bounded above by
+    Clopper-Pearson at level ``delta / m`` (``m`` steps that cost anything; Bonferroni over them).
+
+    >>> import torch
+    >>> cost_upper_bound(torch.zeros(100, dtype=torch.long), [1.0, 3.0], 0.1) > 1.0  # new data may go on
+    True
+    """
+    n = int(taken.numel())
+    steps = [(j, per_exit[j] - per_exit[j - 1]) for j in range(1, len(per_exit)) if per_exit[j] > per_exit[j - 1]]
+    bound = per_exit[0]
+    for j, step in steps:
+        bound += step * clopper_pearson_upper(int((taken >= j).sum()), n, delta / len(steps))
+    return bound
+
+
+def rate_interval(x: int, n: int, delta: float) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval (level ``1 - delta``) on a binomial rate with ``x`` of ``n``."""
+    return clopper_pearson_lower(x, n, delta / 2), clopper_pearson_upper(x, n, delta / 2)
+
+
+def samples_to_certify(max_drop: float, delta: float) -> int:
+    """The fewest held-out samples on which a drop bound can reach ``max_drop`` at all (no sample broken).
+
+    >>> samples_to_certify(0.01, 0.1)  # (1 - 0.01) ** n <= 0.05
+    299
+    """
+    return math.ceil(math.log(delta / 2) / math.log1p(-max_drop))

@@ -8,38 +8,50 @@ from typing import Literal
 
 import torch
 
+from ..cost import ExitCosts
 from ..criteria import Criterion
 from ..errors import BranchifyError
 from ..routing import first_exit
 
 Target = Literal["max_accuracy_drop", "mac_budget"]
 
-# A threshold that no finite score reaches (spec thresholds must be finite and non-negative).
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _GRID_CELLS = 2**21
 _MAX_EXITS = 12
 _MAX_GRID = 128
 _PATH_STEPS = 32
-_TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
-def never_threshold(crit: Criterion) -> float:
-    """A spec-valid threshold at which no (non-negative, finite) score fires."""
-    return 0.0 if crit.exits_when == "below" else FLOAT32_MAX
+def _float32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
 
 
-def always_threshold(crit: Criterion) -> float:
-    """A spec-valid threshold at which every (non-negative, finite) score fires."""
-    return FLOAT32_MAX if crit.exits_when == "below" else 0.0
+def always_threshold(scores: torch.Tensor, crit: Criterion) -> float:
+    """A threshold at which every sample fires: the end of the criterion's score range where it is finite,
+    else just past the most extreme score seen (so a more extreme score on new data would not fire)."""
+    if crit.exits_when == "above":
+        edge = crit.low if math.isfinite(crit.low) else float(scores.min())
+        return edge
+    edge = crit.high if math.isfinite(crit.high) else float(scores.max())
+    # float32, as the scores are compared: strictly above the edge
+    return float(torch.nextafter(_float32(edge), _float32(math.inf)))
 
 
-def candidate_thresholds(scores: torch.Tensor, crit: Criterion, steps: int, *, where: str = "") -> list[float]:
-    """Thresholds from never firing to always firing, the interior ones at ``steps`` score quantiles."""
+def candidate_thresholds(scores: torch.Tensor, crit: Criterion, steps: int, *,
+                         where: str = "") -> list[float | None]:
+    """Thresholds from off (None: never judged) to always firing, the interior ones at ``steps`` score quantiles.
+
+    Scores outside the range the criterion declares are refused: a registered criterion says where its scores
+    lie (``bx.register_criterion(..., low=, high=)``), and calibration places thresholds only inside it.
+    """
     finite = scores[torch.isfinite(scores)].float()
-    if finite.numel() and float(finite.min()) < 0:
+    if finite.numel() == 0:
+        return [None]
+    low, high = float(finite.min()), float(finite.max())
+    if low < crit.low or high > crit.high:
         raise BranchifyError(
-            f"{where}criterion {crit.name!r} gives negative scores (min {float(finite.min()):g}), but ExitSpec "
-            "thresholds are non-negative; use a criterion with non-negative scores (entropy, confidence, margin)")
+            f"{where}criterion {crit.name!r} declares scores in [{crit.low:g}, {crit.high:g}], but gave scores in "
+            f"[{low:g}, {high:g}]; register it with the range its scores take (bx.register_criterion(name, fn, "
+            "exits_when, low=..., high=...))")
     ordered = finite.sort(descending=crit.exits_when == "above").values
     n = ordered.numel()
     inner: list[float] = []
@@ -48,17 +60,19 @@ def candidate_thresholds(scores: torch.Tensor, crit: Criterion, steps: int, *, w
         fired = fired[(fired > 0) & (fired < n)]
         # float32 midpoints compare with float32 scores exactly as the runtime will compare them
         inner = ((ordered[fired - 1] + ordered[fired]) / 2).tolist()
-    ladder = [never_threshold(crit), *inner, always_threshold(crit)]
-    unique: list[float] = []
+    ladder: list[float | None] = [None, *inner, always_threshold(finite, crit)]
+    unique: list[float | None] = []
     for t in ladder:
         if not unique or t != unique[-1]:
             unique.append(t)
     return unique
 
 
-def first_rung(scores: torch.Tensor, crit: Criterion, ladder: Sequence[float]) -> torch.Tensor:
-    """Per sample, the index of the first threshold on ``ladder`` that lets it out (``len(ladder)``: none)."""
-    fired = torch.stack([crit.fires(scores, t) for t in ladder])
+def first_rung(scores: torch.Tensor, crit: Criterion, ladder: Sequence[float | None]) -> torch.Tensor:
+    """Per sample, the index of the first threshold on ``ladder`` that lets it out (``len(ladder)``: none);
+    None (off) lets no sample out."""
+    none = torch.zeros_like(scores, dtype=torch.bool)
+    fired = torch.stack([none if t is None else crit.fires(scores, t) for t in ladder])
     return torch.where(fired.any(dim=0), fired.to(torch.uint8).argmax(dim=0), len(ladder))
 
 
@@ -78,20 +92,23 @@ def _reach(table: torch.Tensor, outcome: int) -> torch.Tensor:
 
 
 def outcome_tables(rungs: Sequence[torch.Tensor], sizes: Sequence[int], correct: torch.Tensor,
-                   costs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                   costs: ExitCosts) -> tuple[torch.Tensor, torch.Tensor]:
     """Correct count and total MACs of every threshold combination on the product grid.
 
-    ``rungs[i]``: each sample's first firing rung at exit ``i`` (``sizes[i]`` rungs, ``sizes[i]``
-    meaning never); ``correct``: ``(k + 1, N)``; ``costs``: MACs of leaving at each of the k + 1
-    exits. Returns two tensors of shape ``sizes``.
+    ``rungs[i]``: each sample's first firing rung at exit ``i`` (``sizes[i]`` rungs, rung 0 being off,
+    ``sizes[i]`` meaning never); ``correct``: ``(k + 1, N)``; ``costs``: the backbone and head MACs.
+    Returns two tensors of shape ``sizes``.
 
-    Both are the final exit's figures plus, per early exit, what changes for the samples that
-    leave there (its correctness minus the final's, its cost minus the final's); a sample leaving
-    at exit ``o`` depends only on exits ``0..o``, so exit ``o``'s table has ``o + 1`` axes.
+    Both are the final exit's figures plus, per early exit, what changes for the samples that leave
+    there (its correctness minus the final's, its backbone cost minus the whole backbone's); a sample
+    leaving at exit ``o`` depends only on exits ``0..o``, so exit ``o``'s table has ``o + 1`` axes.
+    Head ``o`` is charged for every sample that reaches exit ``o`` (leaves at none before it), and only
+    on the rungs where exit ``o`` is on.
     """
     k, n = len(rungs), correct.shape[1]
     right = torch.full(sizes, float(correct[k].sum()), dtype=torch.float64)
-    macs = torch.full(sizes, n * float(costs[k]), dtype=torch.float64)
+    macs = torch.full(sizes, n * float(costs.original), dtype=torch.float64)
+    left = torch.zeros([1] * k, dtype=torch.float64)  # samples that left before the exit at hand
     flat = torch.zeros_like(rungs[0])
     for o in range(k):
         dims = [s + 1 for s in sizes[: o + 1]]
@@ -101,9 +118,17 @@ def outcome_tables(rungs: Sequence[torch.Tensor], sizes: Sequence[int], correct:
         table = torch.stack([torch.bincount(flat, weights=gain, minlength=cells),
                              torch.bincount(flat, minlength=cells).double()]).reshape(2, *dims)
         reached = _reach(table, o).reshape(2, *sizes[: o + 1], *([1] * (k - o - 1)))
+        on = (torch.arange(sizes[o]) > 0).double().reshape(*([1] * o), sizes[o], *([1] * (k - o - 1)))
+        macs = macs + float(costs.heads[o]) * (n - left) * on
         right = right + reached[0]
-        macs = macs + reached[1] * (float(costs[o]) - float(costs[k]))
+        macs = macs + reached[1] * (float(costs.backbone[o]) - float(costs.original))
+        left = left + reached[1]
     return right.round().long(), macs
+
+
+def cell_costs(costs: ExitCosts, cell: Sequence[int]) -> ExitCosts:
+    """The costs when exit ``i`` uses rung ``cell[i]`` (rung 0: off, its head not charged)."""
+    return costs.judging([c > 0 for c in cell])
 
 
 def _lexmin(primary: torch.Tensor, secondary: torch.Tensor, allowed: torch.Tensor | None = None) -> int:

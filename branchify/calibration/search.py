@@ -1,46 +1,42 @@
-"""Threshold calibration: exit thresholds chosen from data for an accuracy or a compute target.
+"""Choosing thresholds: the plain fit to the calibration data, and the certified choice that holds on new data.
 
-The network runs once over the calibration loader; every exit's logits are cached, and everything
-after that is tensor math on the cache.
+The network runs once over the calibration loader (``cache``); everything after is tensor math.
 
-The search. Each exit gets a ladder of candidate thresholds ordered from "never fires" to "always
-fires", with the interior rungs at evenly spaced quantiles of that exit's scores (midpoints between
-neighbouring sorted scores, so a rung separates samples rather than sitting on one). Because the
-sets of samples an exit lets out are nested along its ladder, each sample is summarised per exit
-by the first rung at which it leaves. A histogram over those rung tuples, turned into prefix sums
-along each exit's axis ("passed exits before ``i``, leaves at ``i``"), gives the exact number of
-correct samples and the expected MACs of EVERY combination on the product grid at once, without
-touching the samples again. The choice is then exact over the grid: the cheapest combination whose
-accuracy drop is within the target, or the most accurate within the MAC budget (ties: the more
-accurate, then the cheaper, then the more conservative). The grid has ``grid_size`` quantile steps
-per exit (default: 128 for one or two exits, 64 for three, fewer beyond: the grid stays within 2M cells;
-up to 12 exits).
+The plain fit (``guarantee=False``). Each exit gets a ladder of candidate thresholds from off (the exit
+is never judged, its head never run) to "always fires", the interior rungs at evenly spaced quantiles
+of that exit's scores (``grid``). The choice is exact over the product grid: the cheapest combination
+whose accuracy drop on the calibration data is within the target, or the most accurate within the MAC
+budget. It holds on the calibration data only: measured on digits, a 1-point target lost about 2
+points on held-out data.
 
-Temperature scaling (``temperature=True``, Guo et al. 2017) fits one temperature per exit head by
-minimising the negative log-likelihood of its cached logits (LBFGS on ``log T``) before the search.
+The certified choice (the default; Learn-then-Test, Angelopoulos et al. 2021). The calibration
+samples are split at random (``seed``) into two halves. The first half builds a sequence of threshold
+combinations from safe to aggressive: for an accuracy target, the plain solutions on that half for
+drop targets ``0, target/32, ..., target``; for a MAC budget, those for budgets ``budget/32, ...,
+budget``, cheapest first. The second half tests them in that order, stopping at the first failure:
 
-Risk control (``delta``), Learn-then-Test style (Angelopoulos et al. 2021). The per-sample loss
-compares the routed prediction with the final exit's: ``loss = 1[final right] - 1[routed right]``,
-+1 when routing breaks a sample that the final exit gets right ("broken"), -1 when it fixes one
-("fixed"), 0 otherwise; its mean is the accuracy drop, and its expectation the drop on the
-distribution. The calibration samples are split at random (``seed``) into two halves. The first
-half builds a sequence of threshold combinations from conservative to aggressive: the plain
-solutions, on its own grid, for accuracy-drop targets ``0, target/32, ..., target``. The second half
-tests them in that order: a combination passes when ``UCB(broken rate) - LCB(fixed rate) <= target``,
-with one-sided Clopper-Pearson bounds at level ``delta / 2`` each, and the testing stops at the first
-failure. Among the passing combinations (the all-off one, which never changes a prediction, passes
-without a test) the cheapest is taken, but never one that is cheaper on the calibration data than
-the plain (uncertified) choice.
+- accuracy: ``UCB(broken rate) - LCB(fixed rate) <= target``, one-sided Clopper-Pearson bounds at
+  level ``delta / 2`` each ("broken": routing makes wrong a sample the final exit gets right; "fixed":
+  the reverse). All exits off never changes a prediction, so it passes without a test.
+- MACs: a sample's cost is a sum of steps, one per exit it reaches; each step's share is bounded
+  above by Clopper-Pearson at level ``delta / m`` (``m`` steps), and the bound must be within the
+  budget.
 
-Guarantee: with probability at least ``1 - delta`` over the draw of the calibration data, the
-chosen thresholds have an expected accuracy drop against the final exit of at most the target on
-new data. Assumptions: the calibration samples and the future ones are independent draws from one
-distribution (the binomial bounds need it), and the sequence is fixed before the second half is
-looked at (it is built on the first half only). Fixed-sequence testing bounds the chance that ANY
-passing combination has a drop above the target by ``delta``, so choosing among them keeps the
-guarantee. It covers neither a shift in the data nor thresholds edited afterwards, and it is about
-the expected drop, not the drop measured on one finite test set.
+Among the passing combinations the cheapest is taken for an accuracy target (never one cheaper on the
+calibration data than the plain choice), the most accurate for a budget. Guarantee: with probability
+at least ``1 - delta`` over the draw of the calibration data, the chosen thresholds' expected accuracy
+drop (or expected MACs) on new data is within the target. Assumptions: the calibration samples and
+the future ones are independent draws from one distribution, and the sequence is fixed before the
+second half is looked at. Fixed-sequence testing bounds the chance that ANY passing combination
+misses the target by ``delta``, so choosing among them keeps the guarantee. It covers neither a shift
+in the data nor thresholds edited afterwards, and it is about the expectation, not the figure measured
+on one finite test set.
+
+Patience (``criterion="patience"``) is searched over one integer shared by every exit (PABEE's
+patience), from off through ``k`` down to 1; its candidates do not depend on the data, so the
+certified choice tests them on every calibration sample, without a split.
 """
+
 
 from __future__ import annotations
 
@@ -56,13 +52,14 @@ from ..criteria import get_criterion
 from ..errors import BranchifyError
 from ..exits import exit_module
 from ..spec import ExitSpec
-from .bounds import drop_upper_bound
+from .bounds import clopper_pearson_upper, cost_upper_bound, drop_upper_bound, samples_to_certify
 from .cache import Cached, collect_logits
 from .grid import (
     _MAX_EXITS,
     _PATH_STEPS,
     Target,
     candidate_thresholds,
+    cell_costs,
     cheapest_reaching,
     default_grid_size,
     first_rung,
@@ -71,8 +68,12 @@ from .grid import (
     route_rungs,
     select,
 )
-from .result import Calibration, figures
+from .result import Calibration, charged, figures, routed
 from .temperature import fit_temperature
+
+__all__ = ["DEFAULT_DELTA", "calibrate", "calibrate_cached"]
+
+DEFAULT_DELTA = 0.1
 
 
 def exit_scores(spec: ExitSpec, cached: Cached) -> list[torch.Tensor]:
@@ -80,51 +81,83 @@ def exit_scores(spec: ExitSpec, cached: Cached) -> list[torch.Tensor]:
             for i, z in enumerate(cached.exit_logits)]
 
 
-def _ladders(spec: ExitSpec, scores: list[torch.Tensor], steps: int) -> list[list[float]]:
+def _ladders(spec: ExitSpec, scores: list[torch.Tensor], steps: int) -> list[list[float | None]]:
     return [candidate_thresholds(s, get_criterion(spec.criterion_of(i)), steps,
                                  where=f"exit {i} ({spec.exits[i].layer!r}): ")
             for i, s in enumerate(scores)]
 
 
-def _rungs(spec: ExitSpec, scores: list[torch.Tensor], ladders: list[list[float]]) -> list[torch.Tensor]:
+def _rungs(spec: ExitSpec, scores: list[torch.Tensor], ladders: list[list[float | None]]) -> list[torch.Tensor]:
     return [first_rung(s, get_criterion(spec.criterion_of(i)), ladder)
             for i, (s, ladder) in enumerate(zip(scores, ladders))]
 
 
+def _cell(flat: int, sizes: list[int]) -> tuple[int, ...]:
+    return tuple(int(j) for j in torch.unravel_index(torch.tensor(flat), tuple(sizes)))
+
+
 def _search(spec: ExitSpec, scores: list[torch.Tensor], correct: torch.Tensor, costs: ExitCosts, *,
-            target: Target, value: float, steps: int) -> tuple[list[float], list[list[float]], bool]:
+            target: Target, value: float, steps: int) -> tuple[list[float | None], list[list[float | None]], bool]:
     ladders = _ladders(spec, scores, steps)
     rungs = _rungs(spec, scores, ladders)
     sizes = [len(ladder) for ladder in ladders]
-    right, macs = outcome_tables(rungs, sizes, correct, costs.per_exit)
+    right, macs = outcome_tables(rungs, sizes, correct, costs)
     flat, met = select(right, macs, samples=correct.shape[1], final_correct=int(correct[-1].sum()),
                        target=target, value=value, original=costs.original)
-    chosen = torch.unravel_index(torch.tensor(flat), tuple(sizes))
-    return [ladders[i][int(j)] for i, j in enumerate(chosen)], ladders, met
+    cell = _cell(flat, sizes)
+    return [ladders[i][j] for i, j in enumerate(cell)], ladders, met
+
+
+def _too_few(value: float, delta: float, held_out: int, total: int, split: bool) -> str | None:
+    """The message when ``held_out`` samples cannot certify a drop of ``value`` even if no sample broke."""
+    if clopper_pearson_upper(0, held_out, delta / 2) <= value:
+        return None
+    need = samples_to_certify(value, delta)
+    if split:
+        need_text = f"{2 * need} calibration samples ({need} held out to test the thresholds)"
+    else:
+        need_text = f"{need} calibration samples"
+    return (f"max_accuracy_drop={value:g} with delta={delta:g} needs at least {need_text}, but there are {total}: "
+            "with fewer, not even thresholds that change no prediction could be certified, so every exit is off. "
+            "Calibrate on more samples, or loosen max_accuracy_drop or delta (guarantee=False fits the calibration "
+            "data only)")
 
 
 def calibrate_cached(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target: Target, value: float,
-                     temperature: bool = False, delta: float | None = None, grid_size: int | None = None,
-                     seed: int = 0, warn: bool = True) -> Calibration:
+                     guarantee: bool = True, delta: float | None = None, temperature: bool = False,
+                     grid_size: int | None = None, seed: int = 0, warn: bool = True) -> Calibration:
     """The search of ``bx.calibrate`` on logits already cached (no network runs)."""
     k = len(spec.exits)
+    delta = DEFAULT_DELTA if delta is None else delta
+    costs = costs.judging([True] * k)  # every head chargeable; each candidate says which run
     if len(cached.exit_logits) != k:
         raise BranchifyError(f"{len(cached.exit_logits)} cached exits for a spec with {k} exits")
     if k > _MAX_EXITS:
         raise BranchifyError(
             f"calibrate searches a grid over all exits jointly and handles up to {_MAX_EXITS} exits, but the spec "
             f"has {k}; keep the exits that bx.sweep finds worthwhile")
+    across = [get_criterion(spec.criterion_of(i)).across_exits for i in range(k)]
+    if any(across):
+        if not all(across):
+            raise BranchifyError(
+                f"exits {[i for i, a in enumerate(across) if a]} use 'patience' and the others do not; calibrate "
+                "searches one patience shared by every exit, so give every exit criterion='patience' or none")
+        if temperature:
+            raise BranchifyError("temperature=True changes no prediction, and 'patience' reads only the "
+                                 "predictions; drop temperature=True")
+        return _patience(spec, cached, costs, target=target, value=value, guarantee=guarantee, delta=delta,
+                         warn=warn)
     steps = grid_size or default_grid_size(k)
     n = cached.samples
     halves = None
-    if delta is not None:
+    if guarantee:
         if n < 4:
-            raise BranchifyError(f"risk control splits the calibration data in two, but there are only {n} "
+            raise BranchifyError(f"the guarantee splits the calibration data in two, but there are only {n} "
                                  "samples; calibrate on a few hundred samples or more")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         halves = order[: n // 2], order[n // 2:]
     if temperature:
-        # With risk control the temperatures are part of the sequence, so they may only see the first half.
+        # With the guarantee the temperatures are part of the sequence, so they may only see the first half.
         fit = halves[0] if halves is not None else torch.arange(n)
         spec = spec.with_exits(temperature=[fit_temperature(z[fit], cached.targets[fit])
                                             for z in cached.exit_logits])
@@ -132,13 +165,171 @@ def calibrate_cached(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target
     correct = cached.correct()
     thresholds, ladders, met = _search(spec, scores, correct, costs, target=target, value=value, steps=steps)
     plain = figures(spec.with_exits(threshold=thresholds), cached, costs, target=target, value=value,
-                    grid=ladders, met=met)
-    if not met and warn:
-        _warn_unreachable(plain, target, value, cached, spec, costs)
-    if delta is None or halves is None:
+                    grid=ladders, delta=delta, bound_on=None, held_out=False, guarantee=False, met=met)
+    if halves is None:
+        if not met and warn:
+            _warn_unreachable(plain, target, value, cached, spec, costs)
         return plain
-    return _risk_controlled(spec, cached, costs, scores, correct, plain, halves, value=value, delta=delta,
-                            steps=steps, warn=warn)
+    return _certified(spec, cached, costs, scores, correct, plain, halves, target=target, value=value,
+                      delta=delta, steps=steps, warn=warn)
+
+
+def _sequence(right: torch.Tensor, macs: torch.Tensor, sizes: list[int], *, target: Target, value: float,
+              samples: int, final_correct: int, original: float) -> list[tuple[int, ...]]:
+    """The plain solutions on the tune half, from safe to aggressive for the target's risk."""
+    if target == "max_accuracy_drop":
+        needs = [needed_correct(final_correct, samples, value * s / _PATH_STEPS) for s in range(_PATH_STEPS + 1)]
+        flats = [f for f in cheapest_reaching(right, macs, needs) if f is not None]
+    else:
+        flats = [select(right, macs, samples=samples, final_correct=final_correct, target=target,
+                        value=value * s / _PATH_STEPS, original=original)[0] for s in range(1, _PATH_STEPS + 1)]
+    sequence: list[tuple[int, ...]] = []
+    for flat in flats:
+        cell = _cell(flat, sizes)
+        if cell not in sequence:
+            sequence.append(cell)
+    return sequence
+
+
+def _certified(spec: ExitSpec, cached: Cached, costs: ExitCosts, scores: list[torch.Tensor], correct: torch.Tensor,
+               plain: Calibration, halves: tuple[torch.Tensor, torch.Tensor], *, target: Target, value: float,
+               delta: float, steps: int, warn: bool) -> Calibration:
+    n = cached.samples
+    tune, test = halves
+    # The sequence is built on the tune half only, so it is fixed with respect to the test half.
+    ladders = _ladders(spec, [s[tune] for s in scores], steps)
+    sizes = [len(ladder) for ladder in ladders]
+    rungs = _rungs(spec, scores, ladders)  # on all samples; each half is read by indexing
+    right, macs = outcome_tables([r[tune] for r in rungs], sizes, correct[:, tune], costs)
+    sequence = _sequence(right, macs, sizes, target=target, value=value, samples=len(tune),
+                         final_correct=int(correct[-1, tune].sum()), original=costs.original)
+    off = (0,) * len(sizes)  # rung 0 is off everywhere: predictions are the final exit's, the drop is 0
+
+    def thresholds(cell: tuple[int, ...]) -> ExitSpec:
+        return spec.with_exits(threshold=[ladders[i][j] for i, j in enumerate(cell)])
+
+    def result(cell: tuple[int, ...], *, met: bool, note: str | None = None) -> Calibration:
+        return figures(thresholds(cell), cached, costs, target=target, value=value, grid=ladders, delta=delta,
+                       bound_on=test, held_out=True, guarantee=True, met=met, note=note)
+
+    test_rungs = [r[test] for r in rungs]
+    if target == "max_accuracy_drop":
+        too_few = _too_few(value, delta, len(test), n, split=True)
+        if too_few:
+            if warn:
+                warnings.warn(too_few + ". The result carries met=False", UserWarning, stacklevel=4)
+            return result(off, met=False, note=too_few)
+        passed = [off]
+        for cell in sequence:
+            if cell == off:
+                continue
+            taken = route_rungs(test_rungs, cell)
+            routed_right = correct[:, test][taken, torch.arange(len(test))]
+            if drop_upper_bound(routed_right, correct[-1, test], delta) > value:
+                break
+            passed.append(cell)
+    else:
+        passed = []
+        for cell in sequence:
+            taken = route_rungs(test_rungs, cell)
+            if cost_upper_bound(taken, cell_costs(costs, cell).per_exit, delta) > value * costs.original:
+                break
+            passed.append(cell)
+        if not passed:
+            cheapest = result(sequence[0], met=False)
+            message = (f"mac_budget={value:g} cannot be certified with delta={delta:g} on {len(test)} held-out "
+                       f"samples: even the cheapest thresholds' MAC bound is {cheapest.bounds.mac_fraction:.4f} of "
+                       f"the original model's; raise mac_budget to at least {cheapest.bounds.mac_fraction:.4f}, "
+                       "calibrate on more samples, or attach an earlier exit")
+            if warn:
+                warnings.warn(message + ". The result carries met=False", UserWarning, stacklevel=4)
+            return result(sequence[0], met=False, note=message)
+
+    scored = []
+    for cell in passed:
+        taken = route_rungs(rungs, cell)
+        expected = float(torch.tensor(cell_costs(costs, cell).per_exit, dtype=torch.float64)[taken].mean())
+        accuracy = float(correct[taken, torch.arange(n)].double().mean())
+        scored.append((cell, expected, accuracy))
+    if target == "max_accuracy_drop":
+        # certified, but never cheaper on the calibration data than the plain optimum
+        allowed = [c for c in scored if c[1] >= plain.expected_macs - 1e-9 * costs.original] or scored[:1]
+        cell = min(allowed, key=lambda c: (c[1], -c[2]))[0]
+    else:
+        cell = min(scored, key=lambda c: (-c[2], c[1]))[0]
+    chosen = result(cell, met=True)
+    if warn and target == "max_accuracy_drop" and cell == off and any(share > 0 for share in plain.shares[:-1]):
+        warnings.warn(
+            f"with delta={delta:g}, no thresholds that let samples out early could be certified to keep the "
+            f"accuracy drop within {value:g} on {len(test)} held-out calibration samples, so every exit is off; "
+            "calibrate on more samples, or loosen max_accuracy_drop or delta", UserWarning, stacklevel=4)
+    return chosen
+
+
+def _patience(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target: Target, value: float, guarantee: bool,
+              delta: float, warn: bool) -> Calibration:
+    k, n = len(spec.exits), cached.samples
+    grid: list[list[float | None]] = [[None, *map(float, range(1, k + 1))] for _ in range(k)]
+    correct = cached.correct()
+    final = correct[-1]
+
+    def candidate(t: int | None) -> tuple[ExitSpec, torch.Tensor]:
+        s = spec.with_exits(threshold=[None if t is None else float(t)] * k)
+        return s, routed(s, cached)
+
+    def figures_of(t: int | None, *, met: bool | None = None, note: str | None = None) -> Calibration:
+        s, _ = candidate(t)
+        return figures(s, cached, costs, target=target, value=value, grid=grid, delta=delta, bound_on=None,
+                       held_out=guarantee, guarantee=guarantee, met=met, note=note)
+
+    def expected(t: int | None) -> float:
+        s, taken = candidate(t)
+        return float(torch.tensor(charged(s, costs).per_exit, dtype=torch.float64)[taken].mean())
+
+    def accuracy(t: int | None) -> float:
+        _, taken = candidate(t)
+        return float(correct[taken, torch.arange(n)].double().mean())
+
+    safe_first = [None, *range(k, 0, -1)]  # from off to the most aggressive
+    if not guarantee:
+        if target == "max_accuracy_drop":
+            ok = [t for t in safe_first if float(final.double().mean()) - accuracy(t) <= value + 1e-12]
+            return figures_of(min(ok, key=lambda t: (expected(t), -accuracy(t))))
+        ok = [t for t in safe_first if expected(t) <= value * costs.original * (1 + 1e-12)]
+        if ok:
+            return figures_of(max(ok, key=lambda t: (accuracy(t), -expected(t))))
+        result = figures_of(min(safe_first, key=lambda t: (expected(t), -accuracy(t))), met=False)
+        if warn:
+            _warn_unreachable(result, target, value, cached, spec, costs)
+        return result
+    if target == "max_accuracy_drop":
+        too_few = _too_few(value, delta, n, n, split=False)
+        if too_few:
+            if warn:
+                warnings.warn(too_few + ". The result carries met=False", UserWarning, stacklevel=4)
+            return figures_of(None, met=False, note=too_few)
+        passed: list[int | None] = [None]
+        for t in safe_first[1:]:
+            _, taken = candidate(t)
+            if drop_upper_bound(correct[taken, torch.arange(n)], final, delta) > value:
+                break
+            passed.append(t)
+        return figures_of(min(passed, key=lambda t: (expected(t), -accuracy(t))), met=True)
+    passed = []
+    for t in range(1, k + 1):  # cheapest first; all off costs the whole model, beyond any budget below 1
+        s, taken = candidate(t)
+        if cost_upper_bound(taken, charged(s, costs).per_exit, delta) > value * costs.original:
+            break
+        passed.append(t)
+    if not passed:
+        result = figures_of(1, met=False)
+        message = (f"mac_budget={value:g} cannot be certified with delta={delta:g} on {n} samples: even patience 1 "
+                   f"has a MAC bound of {result.bounds.mac_fraction:.4f}; raise mac_budget or calibrate on more "
+                   "samples")
+        if warn:
+            warnings.warn(message + ". The result carries met=False", UserWarning, stacklevel=4)
+        return figures_of(1, met=False, note=message)
+    return figures_of(max(passed, key=lambda t: (accuracy(t), -expected(t))), met=True)
 
 
 def _warn_unreachable(result: Calibration, target: Target, value: float, cached: Cached, spec: ExitSpec,
@@ -148,109 +339,39 @@ def _warn_unreachable(result: Calibration, target: Target, value: float, cached:
                    f"best thresholds on the grid lose {100 * result.accuracy_drop:.2f} points against the final exit; "
                    f"ask for max_accuracy_drop >= {result.accuracy_drop:.4f}, or train better exit heads")
     else:
-        message = (f"mac_budget={value:g} is unreachable: even the cheapest thresholds on the grid need "
-                   f"{result.mac_fraction:.4f} of the original model's MACs (every sample leaving at exit 0, "
+        message = (f"mac_budget={value:g} is unreachable: even the cheapest thresholds need "
+                   f"{result.mac_fraction:.4f} of the original model's MACs (leaving at exit 0, "
                    f"{spec.exits[0].layer!r}, costs {costs.exits[0] / costs.original:.4f}); raise mac_budget to at "
                    f"least {result.mac_fraction:.4f}, or attach an earlier exit")
     warnings.warn(message + ". The result carries met=False", UserWarning, stacklevel=4)
 
 
-def _risk_controlled(spec: ExitSpec, cached: Cached, costs: ExitCosts, scores: list[torch.Tensor],
-                     correct: torch.Tensor, plain: Calibration, halves: tuple[torch.Tensor, torch.Tensor], *,
-                     value: float, delta: float, steps: int, warn: bool) -> Calibration:
-    n = cached.samples
-    tune, test = halves
-    # The sequence is built on the tune half only, so it is fixed with respect to the test half.
-    ladders = _ladders(spec, [s[tune] for s in scores], steps)
-    sizes = [len(ladder) for ladder in ladders]
-    rungs = _rungs(spec, scores, ladders)  # on all samples; each half is read by indexing
-    right, macs = outcome_tables([r[tune] for r in rungs], sizes, correct[:, tune], costs.per_exit)
-    tune_final = int(correct[-1, tune].sum())
-    needs = [needed_correct(tune_final, len(tune), value * step / _PATH_STEPS) for step in range(_PATH_STEPS + 1)]
-    sequence: list[tuple[int, ...]] = []
-    for flat in cheapest_reaching(right, macs, needs):
-        if flat is None:
-            continue
-        cell = tuple(int(j) for j in torch.unravel_index(torch.tensor(flat), tuple(sizes)))
-        if cell not in sequence:
-            sequence.append(cell)
-
-    off = (0,) * len(sizes)  # rung 0 never fires: predictions are the final exit's, the drop is 0
-    passed: list[tuple[tuple[int, ...], float]] = [(off, 0.0)] if value >= 0 else []
-    if passed:
-        for cell in sequence:
-            if cell == off:
-                continue
-            taken = route_rungs([r[test] for r in rungs], cell)
-            routed_right = correct[:, test][taken, torch.arange(len(test))]
-            bound = drop_upper_bound(routed_right, correct[-1, test], delta)
-            if bound > value:
-                break
-            passed.append((cell, bound))
-
-    if not passed:
-        result = figures(spec.with_exits(threshold=[ladder[0] for ladder in ladders]), cached, costs,
-                         target="max_accuracy_drop", value=value, grid=ladders, met=False, delta=delta,
-                         risk_bound=math.nan)
-        if warn:
-            warnings.warn(
-                f"max_accuracy_drop={value:g} cannot be certified with delta={delta:g}: no thresholds, not even "
-                "all exits off (which never changes a prediction), have a drop bound below it; ask for "
-                "max_accuracy_drop >= 0. The result carries met=False", UserWarning, stacklevel=4)
-        return result
-    per_exit = torch.tensor(costs.per_exit, dtype=torch.float64)
-    best: tuple[float, float, tuple[int, ...], float] | None = None
-    for cell, bound in passed:
-        taken = route_rungs(rungs, cell)
-        expected = float(per_exit[taken].mean())
-        if expected < plain.expected_macs - 1e-9 * costs.original:
-            continue  # certified, but cheaper than the plain optimum: never less conservative than it
-        accuracy = float(correct[taken, torch.arange(n)].double().mean())
-        if best is None or (expected, -accuracy) < best[:2]:
-            best = (expected, -accuracy, cell, bound)
-    assert best is not None  # the all-off cell costs the most of all, so it always qualifies
-    _, _, cell, bound = best
-    chosen = figures(spec.with_exits(threshold=[ladders[i][j] for i, j in enumerate(cell)]), cached, costs,
-                     target="max_accuracy_drop", value=value, grid=ladders, met=True, delta=delta, risk_bound=bound)
-    if warn and len(passed) == 1 and any(share > 0 for share in plain.shares[:-1]):
-        warnings.warn(
-            f"with delta={delta:g}, no thresholds that let samples out early could be certified to keep the "
-            f"accuracy drop within {value:g} on {len(test)} held-out calibration samples, so every exit is off; "
-            "calibrate on more samples, or loosen max_accuracy_drop or delta", UserWarning, stacklevel=4)
-    return chosen
-
-
-# ---------------------------------------------------------------------------------------------
-# The public entry point
-# ---------------------------------------------------------------------------------------------
-
-def _check_number(name: str, value, *, low: float, high: float, low_open: bool = False,
-                  high_open: bool = False, hint: str) -> float:
+def _check_fraction(name: str, value, hint: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BranchifyError(f"{name} must be a finite number, got {value!r}; {hint}")
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above:
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise BranchifyError(f"{name}={value!r} is outside {lo}{low:g}, {high:g}{hi}; {hint}")
+        raise BranchifyError(f"{name} must be a number in (0, 1), got {value!r}; {hint}")
+    if not 0 < value < 1:
+        raise BranchifyError(f"{name}={value!r} is outside (0, 1); {hint}")
     return float(value)
 
 
 def calibrate(module: nn.Module, loader: Iterable, *, max_accuracy_drop: float | None = None,
-              mac_budget: float | None = None, temperature: bool = False, delta: float | None = None,
-              example_inputs=None, progress: bool = True, grid_size: int | None = None,
+              mac_budget: float | None = None, guarantee: bool = True, delta: float | None = None,
+              temperature: bool = False, example_inputs=None, progress: bool = True, grid_size: int | None = None,
               seed: int = 0) -> Calibration:
-    """Choose exit thresholds from data for an accuracy-drop target or a MAC budget.
+    """Choose exit thresholds from data for an accuracy-drop target or a MAC budget, with a guarantee on new data.
 
-    ``max_accuracy_drop=0.01``: the thresholds with the fewest expected MACs whose accuracy is at
-    most 1 point below the final exit's on this data. ``mac_budget=0.6``: the most accurate
-    thresholds whose expected MACs are at most 60% of the original model's. Exactly one of the two.
-    The network runs once over ``loader`` (pairs of inputs and class indices); the search is exact
-    over a grid of score-quantile thresholds (``grid_size`` steps per exit), see the module notes.
-    ``temperature=True`` fits a temperature per head first. ``delta`` (with ``max_accuracy_drop``)
-    certifies the drop on new data with probability ``1 - delta`` (Learn-then-Test; ``seed`` picks
-    the split). ``example_inputs`` (default: one sample of the loader) sizes the MAC count.
-    An unreachable target gives ``met=False`` and a warning.
+    ``max_accuracy_drop=0.01``: the cheapest thresholds whose expected accuracy on new data is at most
+    1 point below the final exit's; ``mac_budget=0.6``: the most accurate thresholds whose expected MACs
+    on new data are at most 60% of the original model's. Exactly one of the two, in (0, 1). By default
+    the target holds on new data from the same distribution with probability ``1 - delta`` (``delta``
+    0.1; Learn-then-Test on two halves of the data, ``seed`` picks the split); ``guarantee=False`` gives
+    the plain fit, which holds on the calibration data only. Exits may come out off (threshold None)
+    when that is cheaper. The network runs once over ``loader`` (pairs of inputs and class indices);
+    the search is exact over a grid of score-quantile thresholds (``grid_size`` steps per exit), see
+    ``branchify.calibration.search``. ``temperature=True`` fits a temperature per head first.
+    ``example_inputs`` (default: one sample of the loader) sizes the MAC count. Every result carries
+    bounds (``Calibration.bounds``) and the samples they rest on; an unreachable target gives
+    ``met=False`` and a warning.
 
     >>> import torch, torchvision, branchify as bx
     >>> _ = torch.manual_seed(0)
@@ -258,8 +379,8 @@ def calibrate(module: nn.Module, loader: Iterable, *, max_accuracy_drop: float |
     >>> module = bx.attach_exits(torchvision.models.resnet18(num_classes=4), spec, torch.randn(1, 3, 32, 32))
     >>> data = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 4, (32,)))
     >>> loader = torch.utils.data.DataLoader(data, batch_size=16)
-    >>> cal = bx.calibrate(module, loader, mac_budget=0.9, progress=False)
-    >>> cal.met, cal.mac_fraction <= 0.9, len(cal.spec.thresholds)
+    >>> cal = bx.calibrate(module, loader, mac_budget=0.9, guarantee=False, progress=False)
+    >>> cal.met, cal.mac_fraction <= 0.9, len(cal.spec.exits)
     (True, True, 2)
     """
     spec = exit_module(module, "calibrate").exit_spec
@@ -271,19 +392,19 @@ def calibrate(module: nn.Module, loader: Iterable, *, max_accuracy_drop: float |
             "or mac_budget=0.6 (at most 60% of the original model's MACs)")
     if max_accuracy_drop is not None:
         target: Target = "max_accuracy_drop"
-        value = _check_number("max_accuracy_drop", max_accuracy_drop, low=-1.0, high=1.0,
-                              hint="give a fraction of accuracy, e.g. 0.01 for one point")
+        value = _check_fraction("max_accuracy_drop", max_accuracy_drop,
+                                "give a fraction of accuracy, e.g. 0.01 for one point")
     else:
         target = "mac_budget"
-        value = _check_number("mac_budget", mac_budget, low=0.0, high=math.inf, low_open=True, high_open=True,
-                              hint="give a fraction of the original model's MACs, e.g. 0.6")
+        value = _check_fraction("mac_budget", mac_budget, "give a fraction of the original model's MACs, e.g. 0.6")
+    if not isinstance(guarantee, bool):
+        raise BranchifyError(f"guarantee must be True or False, got {guarantee!r}")
     if delta is not None:
-        _check_number("delta", delta, low=0.0, high=1.0, low_open=True, high_open=True,
-                      hint="give a failure probability such as 0.05")
-        if target != "max_accuracy_drop":
+        _check_fraction("delta", delta, "give a failure probability such as 0.1")
+        if not guarantee:
             raise BranchifyError(
-                f"delta={delta!r} certifies an accuracy drop, but the target is mac_budget={mac_budget!r}; "
-                "use delta with max_accuracy_drop, or drop delta")
+                f"delta={delta!r} sets the guarantee's failure probability, but guarantee=False asks for the plain "
+                "fit; drop delta, or keep the guarantee")
     if not isinstance(temperature, bool):
         raise BranchifyError(f"temperature must be True or False, got {temperature!r}")
     if grid_size is not None and (isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2):
@@ -294,5 +415,5 @@ def calibrate(module: nn.Module, loader: Iterable, *, max_accuracy_drop: float |
             "label-free criterion such as 'entropy' or 'confidence'", UserWarning, stacklevel=2)
     cached = collect_logits(module, loader, progress=progress, desc="calibrate: caching exit logits")
     costs = exit_costs(module, example_inputs if example_inputs is not None else cached.example_inputs)
-    return calibrate_cached(spec, cached, costs, target=target, value=value, temperature=temperature,
-                            delta=delta, grid_size=grid_size, seed=seed)
+    return calibrate_cached(spec, cached, costs, target=target, value=value, guarantee=guarantee, delta=delta,
+                            temperature=temperature, grid_size=grid_size, seed=seed)

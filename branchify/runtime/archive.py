@@ -62,8 +62,8 @@ def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
         "num_classes": runner.num_classes,
         "num_inputs": len(inputs),
         "dtype": str(runner._dtype).removeprefix("torch."),
-        "exits": [{"layer": p.layer, "criterion": runner._spec.criterion_of(i), "threshold": r.threshold,
-                   "temperature": r.temperature} for i, (p, r) in enumerate(zip(runner._spec.exits, runner._rules))],
+        "exits": [{"layer": p.layer, "criterion": runner._spec.criterion_of(i), "threshold": p.threshold,
+                   "temperature": p.temperature} for i, p in enumerate(runner._spec.exits)],
         # Only the exported shape: the programs take no other.
         "macs": [{"input_shapes": [list(a.shape[1:]) for a in example],
                   "per_exit": runner._costs(example).tolist()}],

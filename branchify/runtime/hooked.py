@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..routing import ExitRule
+from ..routing import ExitRule, Judge
 
 __all__ = ["route_hooks"]
 
@@ -21,7 +21,7 @@ class _BatchExited(Exception):
     """Raised from a forward hook to stop an opaque forward once every sample has left."""
 
 
-def route_hooks(module, heads: Sequence[Callable], rules: Sequence[ExitRule], inputs: tuple,
+def route_hooks(module, heads: Sequence[Callable], rules: Sequence[ExitRule | None], inputs: tuple,
                 names: tuple[str, ...] | None, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and exit index of the batch ``inputs`` (keywords when ``names`` are given)."""
     batch = first.shape[0]
@@ -29,13 +29,14 @@ def route_hooks(module, heads: Sequence[Callable], rules: Sequence[ExitRule], in
     running = torch.ones(batch, dtype=torch.bool, device=first.device)
     state: dict[str, torch.Tensor] = {}
     judged: set[int] = set()
+    decide = Judge(rules)
 
     def judge(i: int, out: torch.Tensor) -> None:
-        if i in judged:
-            return  # judged at the first call of the layer
+        if i in judged or rules[i] is None:
+            return  # judged at the first call of the layer; an exit that is off is never judged
         judged.add(i)
         z = heads[i](out)
-        fired = rules[i].fires(z) & running
+        fired = decide.fires(i, z) & running
         state["logits"] = torch.where(fired[:, None], z, state["logits"]) if "logits" in state else z
         exit_index.masked_fill_(fired, i)
         running.logical_and_(~fired)

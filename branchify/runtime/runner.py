@@ -274,7 +274,7 @@ class ExitRunner:
         return load_runner(cls, directory)
 
     def __repr__(self) -> str:
-        exits = ", ".join(f"{p.layer}: {self._spec.criterion_of(i)} {r.threshold:g}"
+        exits = ", ".join(f"{p.layer}: off" if r is None else f"{p.layer}: {self._spec.criterion_of(i)} {r.threshold:g}"
                           for i, (p, r) in enumerate(zip(self._spec.exits, self._rules)))
         path = "hooks" if self._hooks else f"{len(self.stages)} stages"
         return f"ExitRunner({path}; {exits})"

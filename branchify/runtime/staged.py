@@ -12,15 +12,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..routing import ExitRule
+from ..routing import ExitRule, Judge
 
 __all__ = ["route_stages"]
 
 
 def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inputs: Sequence[int],
-                 rules: Sequence[ExitRule], inputs: tuple, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(B, C)`` and exit index ``(B,)`` of the batch ``inputs`` (``first``: its batch tensor)."""
+                 rules: Sequence[ExitRule | None], inputs: tuple, first: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, C)`` and exit index ``(B,)`` of the batch ``inputs`` (``first``: its batch tensor).
+
+    An exit that is off (rule None) is passed by: no head, no synchronisation."""
     k = len(rules)
+    judge = Judge(rules)
     batch = first.shape[0]
     exit_index = torch.full((batch,), k, dtype=torch.int64, device=first.device)
     logits = None  # allocated when some samples leave and others go on
@@ -28,8 +32,10 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
     values = inputs
     for i in range(k):
         values = stages[i](*values)
+        if rules[i] is None:
+            continue
         z = heads[i](*values[:head_inputs[i]])
-        fired = rules[i].fires(z)
+        fired = judge.fires(i, z)
         leaving = int(fired.sum())  # the one host sync of this exit
         if leaving == 0:
             continue
@@ -50,6 +56,7 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
         exit_index.index_fill_(0, dest, i)
         # Advanced indexing keeps channels-last tensors channels-last (index_select does not).
         values = tuple(v[keep] if isinstance(v, torch.Tensor) else v for v in values)
+        judge.keep(keep)
     final = stages[k](*values)[0]
     if where is None:
         return final, exit_index
