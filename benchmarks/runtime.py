@@ -15,6 +15,10 @@ Batch 1 runs 32 of the samples (16 with --quick) one at a time, with the same mi
 2 CPU cores): efficiency c/b >= 0.95 at batch 64 and >= 0.90 at batch 1; at batch 64 the runner is
 >= 1.5x faster than whole-batch routing.
 
+Then an exit that is off (issue 12): exits after layer1 and layer3 with layer1's off (threshold None)
+against a module with layer3's exit alone, same threshold, at batch 1 on the same samples; an exit
+that is off must cost nothing (ratio off/absent about 1).
+
     python benchmarks/runtime.py            # 7 repeats
     python benchmarks/runtime.py --quick    # 2 repeats, 16 samples at batch 1
 """
@@ -142,6 +146,31 @@ def report(label: str, times: tuple[dict[str, float], dict[str, float]], mac_ide
               f"{a / b:6.2f}x {c / b:6.3f} {mac_ideal:6.2f}x {d / b:6.2f}x", flush=True)
 
 
+def off_versus_absent(model: torch.nn.Module, x: torch.Tensor, singles: list[torch.Tensor], repeats: int,
+                      device: torch.device) -> None:
+    """Time, at batch 1, a runner whose first exit is off against one without that exit."""
+    both = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1"), bx.ExitPoint(layer="layer3")])
+    with_off = bx.attach_exits(model, both, x[:1]).eval()
+    absent = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="layer3")]), x[:1]).eval()
+    absent.exit_heads[0].load_state_dict(with_off.exit_heads[1].state_dict())
+    with torch.inference_mode():
+        scores = get_criterion("entropy").score(absent(x)[0])
+    threshold = float(scores.median())
+    absent.exit_spec = absent.exit_spec.with_exits(threshold=[threshold])
+    with_off.exit_spec = with_off.exit_spec.with_exits(threshold=[None, threshold])
+    runners = {"off": bx.ExitRunner(with_off, example_inputs=x[:1]),
+               "absent": bx.ExitRunner(absent, example_inputs=x[:1])}
+    with torch.inference_mode():
+        same = all(int(runners["off"](s).exit_index) - 1 == int(runners["absent"](s).exit_index) for s in singles)
+    units = [{name: functools.partial(r, s) for name, r in runners.items()} for s in singles]
+    median, best = timed(units, repeats, device)
+    print(f"\nexit after layer1 off vs absent (exit after layer3 at the median entropy), batch 1 x{len(singles)}: "
+          f"same decisions {same}")
+    for kind, t in (("median", median), ("best", best)):
+        print(f"  {kind:<6} off {t['off'] * 1e3:8.1f} ms  absent {t['absent'] * 1e3:8.1f} ms  "
+              f"off/absent {t['off'] / t['absent']:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats and 16 samples at batch 1")
@@ -192,6 +221,7 @@ def main() -> None:
     if flips:
         print(f"({flips} of {len(singles)} samples take another exit at batch 1 than at batch {len(x)}: "
               "batch-size-dependent rounding near a threshold)")
+    off_versus_absent(model, x, singles, repeats, device)
 
 
 if __name__ == "__main__":

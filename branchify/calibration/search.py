@@ -11,9 +11,10 @@ points on held-out data.
 
 The certified choice (the default; Learn-then-Test, Angelopoulos et al. 2021). The calibration
 samples are split at random (``seed``) into two halves. The first half builds a sequence of threshold
-combinations from safe to aggressive: for an accuracy target, the plain solutions on that half for
-drop targets ``0, target/32, ..., target``; for a MAC budget, those for budgets ``budget/32, ...,
-budget``, cheapest first. The second half tests them in that order, stopping at the first failure:
+combinations from safe to aggressive: for an accuracy target, all exits off, then the plain solutions
+on that half for drop targets ``0, target/32, ..., target``; for a MAC budget, those for budgets
+``budget/32, ..., budget``, cheapest first; with 8 evenly spaced steps between neighbours (rung by
+rung), so that no step is a leap. The second half tests them in that order, stopping at the first failure:
 
 - accuracy: ``UCB(broken rate) - LCB(fixed rate) <= target``, one-sided Clopper-Pearson bounds at
   level ``delta / 2`` each ("broken": routing makes wrong a sample the final exit gets right; "fixed":
@@ -74,6 +75,7 @@ from .temperature import fit_temperature
 __all__ = ["DEFAULT_DELTA", "calibrate", "calibrate_cached"]
 
 DEFAULT_DELTA = 0.1
+_INTERPOLATE = 8
 
 
 def exit_scores(spec: ExitSpec, cached: Cached) -> list[torch.Tensor]:
@@ -176,18 +178,23 @@ def calibrate_cached(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target
 
 def _sequence(right: torch.Tensor, macs: torch.Tensor, sizes: list[int], *, target: Target, value: float,
               samples: int, final_correct: int, original: float) -> list[tuple[int, ...]]:
-    """The plain solutions on the tune half, from safe to aggressive for the target's risk."""
+    """The plain solutions on the tune half, from safe to aggressive for the target's risk, with
+    ``_INTERPOLATE`` steps between neighbours (from all exits off to the first, for an accuracy target), so
+    that no step of the fixed sequence is a large one: a test stops at the first failure."""
     if target == "max_accuracy_drop":
         needs = [needed_correct(final_correct, samples, value * s / _PATH_STEPS) for s in range(_PATH_STEPS + 1)]
         flats = [f for f in cheapest_reaching(right, macs, needs) if f is not None]
+        path = [(0,) * len(sizes)] + [_cell(f, sizes) for f in flats]
     else:
         flats = [select(right, macs, samples=samples, final_correct=final_correct, target=target,
                         value=value * s / _PATH_STEPS, original=original)[0] for s in range(1, _PATH_STEPS + 1)]
+        path = [_cell(f, sizes) for f in flats]
     sequence: list[tuple[int, ...]] = []
-    for flat in flats:
-        cell = _cell(flat, sizes)
-        if cell not in sequence:
-            sequence.append(cell)
+    for a, b in zip([path[0], *path], path):
+        for step in range(1, _INTERPOLATE + 1):
+            cell = tuple(round(i + (j - i) * step / _INTERPOLATE) for i, j in zip(a, b))
+            if cell not in sequence:
+                sequence.append(cell)
     return sequence
 
 
