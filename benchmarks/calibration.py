@@ -4,11 +4,11 @@ The default ``bx.calibrate`` (``guarantee=True``, Learn-then-Test) promises that
 least ``1 - delta`` over the draw of the calibration data, the chosen thresholds keep the accuracy drop
 on new data within the target. This measures it on real images (scikit-learn's bundled digits, 1797
 grey 8x8 images upscaled to 3x32x32): a ``torchvision.models.resnet18(num_classes=10)`` is trained on
-a fixed 40% of the data, linear exit heads after ``layer1`` and ``layer2`` are trained on the same
-part with the backbone frozen, and the network runs ONCE over the remaining 60% (the pool; its logits
-are cached). Then, for each of ``--splits`` random splits of the pool into a calibration half and a
-test half, both modes calibrate on the calibration half for the same target and are evaluated on the
-test half:
+a fixed 40% of the data, linear exit heads (after ``layer1`` and ``layer2`` by default, ``--layers``)
+are trained on the same part with the backbone frozen, and the network runs ONCE over the remaining
+60% (the pool; its logits are cached). Then, for each of ``--splits`` random splits of the pool into
+a calibration half and a test half, both modes calibrate on the calibration half for the same target
+and are evaluated on the test half:
 
 - default: ``guarantee=True, delta=0.1`` (the promise above);
 - plain: ``guarantee=False`` (fits the calibration data only, no promise).
@@ -24,7 +24,8 @@ The target ``max_accuracy_drop`` is, unless given, the smallest of 0.01, 0.02, 0
 calibration half can certify at all (Learn-then-Test needs ``2 * ceil(ln(delta / 2) / ln(1 - target))``
 calibration samples even for thresholds that change no prediction).
 
-    .venv/bin/python benchmarks/calibration.py                 # 50 splits, about 2-4 minutes on 2 cores
+    .venv/bin/python benchmarks/calibration.py                 # 50 splits, about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/calibration.py --layers layer1 layer2 layer3
     .venv/bin/python benchmarks/calibration.py --splits 200 --max-accuracy-drop 0.03
     .venv/bin/python benchmarks/calibration.py --epochs 3 --splits 10   # quick
 """
@@ -51,7 +52,7 @@ from branchify.calibration.search import calibrate_cached
 
 TARGET = "max_accuracy_drop"
 CANDIDATE_TARGETS = (0.01, 0.02, 0.03, 0.05)
-LAYERS = ("layer1", "layer2")
+LAYERS = ("layer1", "layer2")  # default exit points
 MODES = (("default", True), ("plain", False))  # (name, guarantee)
 
 
@@ -75,8 +76,8 @@ def train(parameters, forward_loss, loader: DataLoader, *, epochs: int, lr: floa
             optimizer.step()
 
 
-def build(images: torch.Tensor, labels: torch.Tensor, train_idx: torch.Tensor, *, epochs: int, head_epochs: int,
-          seed: int) -> torch.nn.Module:
+def build(images: torch.Tensor, labels: torch.Tensor, train_idx: torch.Tensor, *, layers: list[str], epochs: int,
+          head_epochs: int, head_lr: float, seed: int) -> torch.nn.Module:
     """The ResNet-18 trained on ``train_idx``, then its exit heads trained there on the frozen backbone."""
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(images[train_idx], labels[train_idx]), batch_size=64, shuffle=True,
@@ -85,11 +86,12 @@ def build(images: torch.Tensor, labels: torch.Tensor, train_idx: torch.Tensor, *
     model.train()
     train(model.parameters(), lambda x, y: F.cross_entropy(model(x), y), loader, epochs=epochs, lr=1e-3)
     model.eval()
-    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer, weight=0.3) for layer in LAYERS])
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer, weight=0.3) for layer in layers])
     module = bx.attach_exits(model, spec, images[:1])
     bx.freeze_backbone(module).train()  # norms outside the heads stay in eval
     loss_fn = bx.EarlyExitLoss(module.exit_spec)
-    train(module.exit_heads.parameters(), lambda x, y: loss_fn(module(x), y), loader, epochs=head_epochs, lr=1e-3)
+    train(module.exit_heads.parameters(), lambda x, y: loss_fn(module(x), y), loader, epochs=head_epochs,
+          lr=head_lr)
     return module.eval()
 
 
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=0.4, help="share of digits to train on")
     parser.add_argument("--epochs", type=int, default=6, help="epochs to train the ResNet-18")
     parser.add_argument("--head-epochs", type=int, default=5, help="epochs to train the exit heads")
+    parser.add_argument("--head-lr", type=float, default=1e-2, help="Adam learning rate of the exit heads")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="exit points (default: layer1 layer2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training split and the training")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
@@ -130,7 +134,8 @@ def main() -> None:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
     cut = int(args.train_fraction * len(order))
     train_idx, pool_idx = order[:cut], order[cut:]
-    module = build(images, labels, train_idx, epochs=args.epochs, head_epochs=args.head_epochs, seed=args.seed)
+    module = build(images, labels, train_idx, layers=args.layers, epochs=args.epochs, head_epochs=args.head_epochs,
+                   head_lr=args.head_lr, seed=args.seed)
     trained = time.perf_counter()
     pool = collect_logits(module, DataLoader(TensorDataset(images[pool_idx], labels[pool_idx]), batch_size=256),
                           progress=False)
@@ -143,16 +148,17 @@ def main() -> None:
     delta = args.delta
     value = args.max_accuracy_drop if args.max_accuracy_drop is not None else choose_target(n_cal, delta)
     need = samples_to_certify(value, delta)
-    chosen_by = "given" if args.max_accuracy_drop is not None else "chosen: the smallest of " + \
-        ", ".join(f"{v:g}" for v in CANDIDATE_TARGETS) + " the calibration half can certify"
+    candidates = ", ".join(f"{v:g}" for v in CANDIDATE_TARGETS)
+    chosen_by = ("given" if args.max_accuracy_drop is not None
+                 else f"chosen: the smallest of {candidates} the calibration half can certify")
     correct = pool.correct().double().mean(dim=1)
     print(f"data: digits, {len(labels)} samples; train {len(train_idx)} (backbone {args.epochs} epochs, heads "
-          f"{args.head_epochs} epochs, exits after {', '.join(LAYERS)}); pool {pool.samples}, split "
+          f"{args.head_epochs} epochs, exits after {', '.join(args.layers)}); pool {pool.samples}, split "
           f"{args.splits} times into calibration {n_cal} / test {n_test}")
     print("pool accuracy per exit: " + ", ".join(f"{name} {acc:.2%}" for name, acc in
-                                                 zip([*LAYERS, "final"], correct.tolist())))
+                                                 zip([*args.layers, "final"], correct.tolist())))
     print("MACs per exit (fraction of the original model's, own head included): " + ", ".join(
-        f"{name} {m / costs.original:.1%}" for name, m in zip([*LAYERS, "final"], costs.per_exit)))
+        f"{name} {m / costs.original:.1%}" for name, m in zip([*args.layers, "final"], costs.per_exit)))
     print(f"target: {TARGET}={value:g} ({chosen_by}); delta={delta:g}; the guarantee needs >= {2 * need} "
           f"calibration samples ({need} held out) to certify anything, there are {n_cal} ({n_cal // 2} held out)")
 
@@ -189,7 +195,7 @@ def main() -> None:
         x = sum(row["exceeds"] for row in r)
         low, high = interval(x, n)
         table.append([
-            f"{name} ({'guarantee=True, delta=%g' % delta if guarantee else 'guarantee=False'})",
+            f"{name} (guarantee=True, delta={delta:g})" if guarantee else f"{name} (guarantee=False)",
             f"{x}/{n} = {x / n:.1%}", f"[{low:.1%}, {high:.1%}]",
             f"{100 * statistics.fmean(row['drop'] for row in r):.2f} pts",
             f"{100 * max(row['drop'] for row in r):.2f} pts",

@@ -42,6 +42,10 @@ class ExitCosts:
     heads: list[float]
     judged: list[bool] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not self.judged:  # made by hand from its parts: every head runs
+            object.__setattr__(self, "judged", [True] * len(self.heads))
+
     @classmethod
     def of(cls, backbone: Sequence[float], heads: Sequence[float], original: float,
            judged: Sequence[bool] | None = None) -> ExitCosts:
@@ -56,7 +60,9 @@ class ExitCosts:
                    heads=list(heads), judged=judged)
 
     def judging(self, judged: Sequence[bool]) -> ExitCosts:
-        """These costs when only the heads marked in ``judged`` run."""
+        """These costs when only the heads marked in ``judged`` run (these very costs if that changes nothing)."""
+        if [bool(j) for j in judged] == self.judged:
+            return self
         return ExitCosts.of(self.backbone, self.heads, self.original, judged)
 
     @property

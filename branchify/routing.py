@@ -48,7 +48,8 @@ def exit_rules(spec, *, deployed: bool = False) -> list[ExitRule | None]:
         raise BranchifyError(
             "no exit of the spec has a threshold, so no sample can be routed to an exit; give the exits thresholds "
             "(an exit left without one is off), or calibrate them with "
-            "bx.calibrate(module, loader, max_accuracy_drop=0.01)")
+            "bx.calibrate(module, loader, max_accuracy_drop=0.02) (which switches every exit off, and warns, when "
+            "it cannot certify any: calibrate on more samples or loosen the target)")
     rules: list[ExitRule | None] = []
     for i, point in enumerate(spec.exits):
         if point.threshold is None:

@@ -6,8 +6,10 @@ train / val / test (fixed seed). The steps:
 
 1. train an unmodified ``torchvision.models.resnet18(num_classes=10)`` on train;
 2. ``bx.sweep``: a head at every default exit point, trained together on the frozen backbone (train),
-   the best set of at most 3 exits for a 1-point accuracy drop chosen on val;
-3. ``bx.calibrate`` on val (the thresholds for a 1-point drop, with temperature scaling);
+   the best set of at most 3 exits for a 2-point accuracy drop chosen on val;
+3. ``bx.calibrate`` on val: the thresholds for at most a 2-point drop on new data, guaranteed with
+   probability 90% (the default; 359 val samples are too few for a 1-point guarantee, which needs 598),
+   with temperature scaling;
 4. the same thresholds evaluated on test, which neither the heads nor the thresholds have seen.
 
 Run it with ``python examples/digits_calibration.py`` (about 3 minutes on 2 CPU cores, most of it
@@ -27,6 +29,8 @@ import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 import branchify as bx
+
+TARGET = 0.02  # accuracy drop against the final exit, on new data
 
 
 def digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
@@ -70,7 +74,7 @@ def run(*, epochs: int = 6, head_epochs: int = 5, seed: int = 0, progress: bool 
     train_model(model, train_loader, epochs=epochs, lr=1e-3)
     trained = time.perf_counter()
 
-    result = bx.sweep(model, train_loader, val_loader, epochs=head_epochs, max_accuracy_drop=0.01, seed=seed,
+    result = bx.sweep(model, train_loader, val_loader, epochs=head_epochs, max_accuracy_drop=TARGET, seed=seed,
                       progress=progress)
     swept = time.perf_counter()
     if plot:
@@ -78,7 +82,7 @@ def run(*, epochs: int = 6, head_epochs: int = 5, seed: int = 0, progress: bool 
 
     example = val[:1][0]
     module = result.attach(model, example)
-    calibration = bx.calibrate(module, val_loader, max_accuracy_drop=0.01, temperature=True, progress=progress)
+    calibration = bx.calibrate(module, val_loader, max_accuracy_drop=TARGET, temperature=True, progress=progress)
     held_out = calibration.evaluate(module, test_loader, progress=progress)
     return {
         "sweep": result,

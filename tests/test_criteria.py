@@ -141,7 +141,7 @@ def test_route_rejects_a_wrong_number_of_exits_and_missing_thresholds():
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5)])
     with pytest.raises(bx.BranchifyError, match="2 exit outputs for a spec with 1 exits"):
         route(spec, [torch.zeros(2, 3), torch.zeros(2, 3)])
-    with pytest.raises(bx.BranchifyError, match="no thresholds"):
+    with pytest.raises(bx.BranchifyError, match="no exit of the spec has a threshold"):
         route(bx.ExitSpec(exits=[bx.ExitPoint(layer="a")]), [torch.zeros(2, 3)])
 
 

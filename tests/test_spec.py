@@ -40,9 +40,10 @@ def test_json_round_trip_reproduces_an_equal_spec():
         ([], "at least one exit"),
         ([{"layer": "a"}, {"layer": "a"}], "exit 1 repeats layer 'a'"),
         ([{"layer": "a", "weight": 0.6}, {"layer": "b", "weight": 0.4}], "sum to 1"),
-        ([{"layer": "a", "threshold": 1.0}, {"layer": "b"}], "missing for exit 1 ('b')"),
+        ([{"layer": "a", "weight": 0.1}, {"layer": "b"}], "missing for exit 1 ('b')"),
         ([{"layer": "a", "weight": 0.1}, {"layer": "b"}], "weights must be given for all exits"),
-        ([{"layer": "a", "threshold": -1.0}], "greater than or equal to 0"),
+        ([{"layer": "a", "weight": -1.0}], "greater than or equal to 0"),
+        ([{"layer": "a", "threshold": 2.5, "criterion": "patience"}], "positive integer threshold"),
         ([{"layer": "a", "threshold": float("nan")}], "finite number"),
         ([{"layer": "a", "weight": float("inf")}], "finite number"),
         ([{"layer": "a", "criterion": "entropyy"}], "unknown criterion 'entropyy'"),
@@ -93,10 +94,10 @@ def test_with_exits_replaces_per_exit_fields_and_revalidates():
 
 def test_spec_errors_are_branchify_errors_with_pydantic_details():
     with pytest.raises(bx.BranchifyError) as info:
-        bx.ExitSpec.model_validate_json('{"exits": [{"layer": "a", "threshold": -2}]}')
+        bx.ExitSpec.model_validate_json('{"exits": [{"layer": "a", "weight": -2}]}')
     assert isinstance(info.value, bx.SpecError)
-    assert info.value.errors[0]["loc"] == ("exits", 0, "threshold")
-    assert str(info.value).startswith("invalid ExitSpec: exits.0.threshold: Input should be greater than or equal to 0")
+    assert info.value.errors[0]["loc"] == ("exits", 0, "weight")
+    assert str(info.value).startswith("invalid ExitSpec: exits.0.weight: Input should be greater than or equal to 0")
     assert "(got -2)" in str(info.value)
 
 
@@ -137,3 +138,10 @@ def test_a_registered_kind_declares_the_fields_it_reads():
     assert bx.HeadSpec(kind="hidden_reader", hidden=3).hidden == 3
     with pytest.raises(bx.SpecError, match=r"does not use \['kernel_size'\].*kernel_size: 'conv' or 'pool'"):
         bx.HeadSpec(kind="hidden_reader", kernel_size=5)
+
+
+def test_an_exit_without_a_threshold_beside_others_is_off():
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5), bx.ExitPoint(layer="b")])
+    assert spec.thresholds == [0.5, None] and spec.judged == [True, False]
+    assert bx.ExitSpec(exits=[bx.ExitPoint(layer="a")]).judged == [True], "without thresholds every exit is judged"
+    assert bx.ExitPoint(layer="a", threshold=-1.5).threshold == -1.5, "a criterion's scores may be negative"
