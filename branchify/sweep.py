@@ -143,9 +143,10 @@ class SweepResult:
                     "bx.attach_exits(model, result.spec, example_inputs)") from None
         return module
 
-    def attach(self, model: nn.Module, example_inputs) -> nn.Module:
-        """``bx.attach_exits(model, self.spec, example_inputs)`` with the trained heads loaded."""
-        return self.load_heads(attach_exits(model, self.spec, example_inputs))
+    def attach(self, model: nn.Module, example_inputs, **capture) -> nn.Module:
+        """``bx.attach_exits(model, self.spec, example_inputs, **capture)`` with the trained heads loaded
+        (``capture``: ``capture=``, ``leaf_modules=``, ``output=``, as the sweep was given)."""
+        return self.load_heads(attach_exits(model, self.spec, example_inputs, **capture))
 
     def to_dict(self) -> dict:
         """Everything but the weights, as JSON-ready values."""
@@ -234,9 +235,9 @@ class SweepResult:
         return f"<div><p>{lines}</p>{html_table(self._HEADER, self._rows())}</div>"
 
 
-def default_candidates(model: nn.Module, example_inputs) -> list[str]:
+def default_candidates(model: nn.Module, example_inputs, **capture) -> list[str]:
     """The exit points of ``model`` below 99% of its MACs (an exit at the very end saves nothing)."""
-    points = list_exit_points(model, example_inputs)
+    points = list_exit_points(model, example_inputs, **capture)
     return [p.name for p in points if p.macs_fraction < LAST_POINT_FRACTION]
 
 
@@ -315,7 +316,8 @@ def _check_int(name: str, value, low: int) -> int:
 def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, example_inputs=None,
           candidates: Sequence[str] | None = None, head: HeadSpec | None = None, epochs: int = 3,
           lr: float = 3e-3, max_exits: int = 3, max_accuracy_drop: float = 0.01, criterion: str = "entropy",
-          seed: int = 0, progress: bool = True) -> SweepResult:
+          seed: int = 0, progress: bool = True, capture: str = "auto", leaf_modules: list[type] | None = None,
+          output: str | int | None = None) -> SweepResult:
     """Train a head at every candidate exit point at once and propose the best set of exits.
 
     ``train_loader`` and ``val_loader`` yield (inputs, class index) pairs. The backbone stays frozen
@@ -323,7 +325,8 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
     forward per batch. On val: each head's forced top-1, then the set of at most ``max_exits``
     exits with the fewest expected MACs whose accuracy drop against the final exit is at most
     ``max_accuracy_drop``, and the Pareto frontier. Deterministic under ``seed``.
-    ``example_inputs`` (default: one val sample) sizes the MAC count.
+    ``example_inputs`` (default: one val sample) sizes the MAC count. ``capture``, ``leaf_modules`` and
+    ``output`` mean what they mean for ``bx.attach_exits``.
 
     >>> import torch, torchvision, branchify as bx
     >>> model = torchvision.models.resnet18(num_classes=3)
@@ -351,6 +354,7 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
                 "max_accuracy_drop": float(max_accuracy_drop), "criterion": criterion, "seed": seed,
                 "head": head.model_dump(mode="json")}
 
+    captured = {"capture": capture, "leaf_modules": leaf_modules, "output": output}
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):  # the seed governs the sweep without touching the caller's RNG
         torch.manual_seed(seed)
@@ -358,7 +362,7 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
             inputs, _ = split_batch(next(iter(val_loader)))
             example_inputs = inputs.map(lambda x: x[:1])
         if candidates is None:
-            candidates = default_candidates(model, example_inputs)
+            candidates = default_candidates(model, example_inputs, **captured)
             if not candidates:
                 raise BranchifyError(
                     "the model has no exit point below 99% of its MACs; pass candidates=[...] "
@@ -368,7 +372,7 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
                 raise BranchifyError(f"candidates must be a non-empty list of layer names, got {candidates!r}")
             candidates = list(candidates)
         spec = ExitSpec(exits=[ExitPoint(layer=c, head=head) for c in candidates], criterion=criterion)
-        module = attach_exits(model, spec, example_inputs)
+        module = attach_exits(model, spec, example_inputs, **captured)
         train_heads(module, train_loader, epochs=epochs, lr=lr, progress=progress)
 
     cached = collect_logits(module, val_loader, progress=progress, desc="sweep: caching val logits")

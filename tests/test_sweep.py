@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -201,3 +202,14 @@ def test_untraceable_models_sweep_through_hooks_with_listed_or_given_candidates(
         result = bx.sweep(model, loader, loader, candidates=["features", "deeper"], epochs=1, progress=False)
     assert [row.layer for row in result.table] == ["features", "deeper"]
     assert result.table[0].macs_fraction < result.table[1].macs_fraction < 1
+
+
+def test_the_sweep_captures_the_model_as_attach_exits_does():
+    model = torchvision.models.resnet18(num_classes=3)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    with pytest.raises(bx.BranchifyError, match="capture='sideways'"):
+        bx.sweep(model, loader, loader, epochs=1, max_exits=1, capture="sideways", progress=False)
+    result = bx.sweep(model, loader, loader, candidates=["layer1", "layer2"], epochs=1, max_exits=1,
+                      capture="hooks", progress=False)
+    assert result.attach(model, torch.randn(1, 3, 32, 32), capture="hooks").exit_path == "hooks"
