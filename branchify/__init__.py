@@ -16,12 +16,12 @@ from .freeze import freeze_backbone, unfreeze_backbone
 from .heads import register_head
 from .layout import Layout
 from .loss import EarlyExitLoss
+from .placement import SweepResult, sweep
 from .points import ExitPointInfo, list_exit_points
 from .runtime import ExitResult, ExitRunner
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .stats import ExitStats, ExitStatsSummary
 from .surgery import ExitModule, attach_exits
-from .sweep import SweepResult, sweep
 
 __all__ = [
     "BranchifyError",

@@ -34,9 +34,9 @@ from ..distiller.flags import SUMMARY, check_arch, default_input_size
 from ..distiller.models import DISTILLER_EXITS, get_model
 from ..distiller.train import evaluate
 from ..errors import BranchifyError
+from ..placement import sweep
 from ..points import list_exit_points
 from ..spec import ExitSpec
-from ..sweep import sweep
 from .common import (
     fraction,
     limit_batches,
