@@ -332,3 +332,17 @@ def test_per_class_rows_cover_every_class_seen():
     for labels in itertools.islice(itertools.cycle([[0, 2], [2, 2]]), 3):
         stats.update((torch.tensor([[5.0, 0, 0], [0, 0, 0.1]]), torch.zeros(2, 3)), torch.tensor(labels))
     assert [row.label for row in stats.summary().per_class] == [0, 2]
+
+
+def test_a_runner_charges_by_the_spec_in_force_at_each_call(resnet):
+    _, module, x = resnet
+    mixed = module.exit_spec
+    runner = bx.ExitRunner(module, x[:1])  # MACs counted with every exit judged
+    try:
+        module.exit_spec = mixed.with_exits(threshold=[mixed.exits[0].threshold, None, mixed.exits[2].threshold])
+        result = runner(x)
+        per_exit = bx.exit_costs(module, x[:1]).per_exit
+        assert result.macs.tolist() == [per_exit[e] for e in result.exit_index.tolist()]
+        assert not bx.exit_costs(module, x[:1]).judged[1]
+    finally:
+        module.exit_spec = mixed

@@ -30,12 +30,12 @@ def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
             "this module comes from the hook fallback (its model cannot be traced), so its forward is Python "
             "code that cannot be saved without its source; save the model's weights instead")
     if example_inputs is None:
-        if not runner._shapes:
+        if not runner._macs.shapes:
             raise BranchifyError(
                 "the runner has not seen an input yet, so it does not know the input shape to export; "
                 "pass example_inputs=torch.randn(1, 3, 224, 224) (your input's shape) or call the runner once")
         example_inputs = tuple(torch.zeros((2, *s), dtype=runner._dtype, device=runner._device)
-                               for s in runner._shapes[0])
+                               for s in runner._macs.shapes[0])
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     runner._check(inputs)
     # Batch 2 so that export does not specialise the batch dim to 1.
@@ -94,7 +94,7 @@ def load_runner(cls, directory: str | os.PathLike):
                   num_inputs=int(table["num_inputs"]), dtype=getattr(torch, table["dtype"]),
                   device=torch.device("cpu"))
     for entry in table["macs"]:
-        runner._remember(tuple(torch.Size(s) for s in entry["input_shapes"]), entry["per_exit"], runner._device)
+        runner._macs.remember(tuple(torch.Size(s) for s in entry["input_shapes"]), entry["per_exit"], runner._device)
     return runner
 
 

@@ -24,6 +24,7 @@ from ..spec import ExitSpec
 from .archive import load_runner, save_runner
 from .carried import check_carried
 from .hooked import route_hooks
+from .macs import MacTable
 from .result import ExitResult
 from .staged import route_stages
 
@@ -98,8 +99,7 @@ class ExitRunner:
         self._device = device
         self._run_stages: list = list(stages)
         self._run_heads: list = list(heads)
-        self._macs: dict[tuple, torch.Tensor] = {}
-        self._shapes: list[tuple[torch.Size, ...]] = []
+        self._macs = MacTable()
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, tuple[str, ...] | None]:
         """The stage-0 inputs of a call: as the model takes them (positional, named, or one dict of named
@@ -146,6 +146,7 @@ class ExitRunner:
         if module is not None and module.exit_spec is not self._spec:
             self._rules = exit_rules(module.exit_spec, deployed=True)
             self._spec = module.exit_spec
+            self._macs.forget()  # the new spec may switch exits off, and an exit that is off is not charged
 
     def _input_names(self) -> list[str]:
         return [str(n.target) for n in self.stages[0].graph.nodes if n.op == "placeholder"]
@@ -163,7 +164,7 @@ class ExitRunner:
                      if self._hooks else f"the model's inputs ({', '.join(self._input_names())})")
             raise BranchifyError(
                 f"ExitRunner takes {count}, each tensor with the same batch dim, like the model's forward; got "
-                f"{describe_inputs(inputs) or 'nothing'}{self._expected()}")
+                f"{describe_inputs(inputs) or 'nothing'}{self._macs.since()}")
         x = next((a for a in tensors if a.is_floating_point()), tensors[0])
         if (self._dtype is not None and x.is_floating_point() and x.dtype != self._dtype) or (
                 self._device is not None and x.device != self._device):
@@ -172,24 +173,17 @@ class ExitRunner:
                 f"on {self._device}; convert the input (x.to({str(self._device)!r}, {self._dtype})) or the module "
                 "(module.to(...)) and build a new runner")
 
-    def _seen_shapes(self) -> str:
-        return "; ".join(", ".join(f"(B, {', '.join(map(str, s))})" for s in shapes) for shapes in self._shapes)
-
-    def _expected(self) -> str:
-        return f" (it has run on {self._seen_shapes()})" if self._shapes else ""
-
     def _costs(self, inputs: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
         x = self._batch_input(inputs)
         shapes = tuple(a.shape[1:] for a in inputs if isinstance(a, torch.Tensor))
-        key = (x.device, *shapes)
-        costs = self._macs.get(key)
+        costs = self._macs.get(x.device, shapes)
         if costs is None:
             # Batch 1, zeros: the hook fallback counts with a real forward, and a model with data-dependent
             # branches should not see uninitialised memory.
             example = tuple(a.new_zeros((1, *a.shape[1:])) if isinstance(a, torch.Tensor) else a for a in inputs)
             if self._module is None:
                 raise BranchifyError(
-                    f"this runner was saved for inputs {self._seen_shapes()} and its exported "
+                    f"this runner was saved for inputs {self._macs.seen()} and its exported "
                     f"programs take only those, but got {describe_inputs(inputs)}; pass inputs of that shape, or "
                     "save the runner again with example_inputs of the shape you need")
             try:
@@ -198,15 +192,7 @@ class ExitRunner:
                 raise BranchifyError(f"the runner cannot take inputs {describe_inputs(inputs)}: {err}") from None
             if not self._hooks:
                 check_carried(self.stages, example)
-            costs = self._remember(shapes, per_exit, x.device)
-        return costs
-
-    def _remember(self, shapes: tuple, per_exit: Sequence[float], device: torch.device) -> torch.Tensor:
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-        costs = torch.tensor(list(per_exit), dtype=dtype, device=device)
-        self._macs[(device, *shapes)] = costs
-        if shapes not in self._shapes:
-            self._shapes.append(shapes)
+            costs = self._macs.remember(shapes, per_exit, x.device)
         return costs
 
     def compile(self, **kwargs) -> ExitRunner:
