@@ -36,8 +36,10 @@ import argparse
 import math
 import shlex
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,22 @@ def interval(x: int, n: int) -> tuple[float, float]:
     return clopper_pearson_lower(x, n, 0.025), clopper_pearson_upper(x, n, 0.025)
 
 
+def library_version() -> str:
+    """The git commit of the branchify being measured, and its uncommitted changes (the figures depend on both)."""
+    root = Path(bx.__file__).resolve().parent
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, check=True).stdout.rstrip()
+
+    try:
+        changed = git("status", "--porcelain", "--", ".").splitlines()
+        head = git("rev-parse", "--short", "HEAD").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{root} (not a git checkout)"
+    dirty = f", uncommitted: {', '.join(line[3:] for line in changed)}" if changed else ""
+    return f"{root} at {head}{dirty}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", type=int, default=50, help="random calibration/test splits of the pool")
@@ -129,6 +147,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("branchify:", library_version())
 
     images, labels = digits_tensors()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))

@@ -6,8 +6,8 @@ train / val / test (fixed seed). The steps:
 
 1. train an unmodified ``torchvision.models.resnet18(num_classes=10)`` on train;
 2. ``bx.sweep``: a head at every default exit point, trained together on the frozen backbone (train),
-   the best set of at most 3 exits for a 2-point accuracy drop chosen on val;
-3. ``bx.calibrate`` on val: the thresholds for at most a 2-point drop on new data, guaranteed with
+   the best set of at most 3 exits for a 3-point accuracy drop chosen on val;
+3. ``bx.calibrate`` on val: the thresholds for at most a 3-point drop on new data, guaranteed with
    probability 90% (the default; 359 val samples are too few for a 1-point guarantee, which needs 598),
    with temperature scaling;
 4. the same thresholds evaluated on test, which neither the heads nor the thresholds have seen.
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import branchify as bx
 
-TARGET = 0.02  # accuracy drop against the final exit, on new data
+TARGET = 0.03  # accuracy drop against the final exit, on new data
 
 
 def digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, TensorDataset]:

@@ -102,3 +102,18 @@ def samples_to_certify(max_drop: float, delta: float) -> int:
     299
     """
     return math.ceil(math.log(delta / 2) / math.log1p(-max_drop))
+
+
+def too_few_samples(value: float, delta: float, held_out: int, total: int, split: bool) -> str | None:
+    """The message when ``held_out`` samples cannot certify a drop of ``value`` even if no sample broke."""
+    if clopper_pearson_upper(0, held_out, delta / 2) <= value:
+        return None
+    need = samples_to_certify(value, delta)
+    if split:
+        need_text = f"{2 * need} calibration samples ({need} held out to test the thresholds)"
+    else:
+        need_text = f"{need} calibration samples"
+    return (f"max_accuracy_drop={value:g} with delta={delta:g} needs at least {need_text}, but there are {total}: "
+            "with fewer, not even thresholds that change no prediction could be certified, so every exit is off. "
+            "Calibrate on more samples, or loosen max_accuracy_drop or delta (guarantee=False fits the calibration "
+            "data only)")

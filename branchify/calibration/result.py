@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -212,3 +213,17 @@ def figures(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target: Target,
                        shares=shares, exit_accuracy=exit_accuracy, expected_macs=expected,
                        mac_fraction=expected / costs.original, met=met, target=target, target_value=value,
                        samples=n, costs=costs, bounds=bounds, guarantee=guarantee, grid=grid, note=note)
+
+
+def warn_unreachable(result: Calibration, target: Target, value: float, cached: Cached, spec: ExitSpec,
+                      costs: ExitCosts) -> None:
+    if target == "max_accuracy_drop":
+        message = (f"max_accuracy_drop={value:g} is unreachable on the {cached.samples} calibration samples: the "
+                   f"best thresholds on the grid lose {100 * result.accuracy_drop:.2f} points against the final exit; "
+                   f"ask for max_accuracy_drop >= {result.accuracy_drop:.4f}, or train better exit heads")
+    else:
+        message = (f"mac_budget={value:g} is unreachable: even the cheapest thresholds need "
+                   f"{result.mac_fraction:.4f} of the original model's MACs (leaving at exit 0, "
+                   f"{spec.exits[0].layer!r}, costs {costs.exits[0] / costs.original:.4f}); raise mac_budget to at "
+                   f"least {result.mac_fraction:.4f}, or attach an earlier exit")
+    warnings.warn(message + ". The result carries met=False", UserWarning, stacklevel=4)

@@ -53,7 +53,7 @@ from ..criteria import get_criterion
 from ..errors import BranchifyError
 from ..exits import exit_module
 from ..spec import ExitSpec
-from .bounds import clopper_pearson_upper, cost_upper_bound, drop_upper_bound, samples_to_certify
+from .bounds import cost_upper_bound, drop_upper_bound, too_few_samples
 from .cache import Cached, collect_logits
 from .grid import (
     _MAX_EXITS,
@@ -69,7 +69,8 @@ from .grid import (
     route_rungs,
     select,
 )
-from .result import Calibration, charged, figures, routed
+from .patience import calibrate_patience
+from .result import Calibration, figures, warn_unreachable
 from .temperature import fit_temperature
 
 __all__ = ["DEFAULT_DELTA", "calibrate", "calibrate_cached"]
@@ -110,21 +111,6 @@ def _search(spec: ExitSpec, scores: list[torch.Tensor], correct: torch.Tensor, c
     return [ladders[i][j] for i, j in enumerate(cell)], ladders, met
 
 
-def _too_few(value: float, delta: float, held_out: int, total: int, split: bool) -> str | None:
-    """The message when ``held_out`` samples cannot certify a drop of ``value`` even if no sample broke."""
-    if clopper_pearson_upper(0, held_out, delta / 2) <= value:
-        return None
-    need = samples_to_certify(value, delta)
-    if split:
-        need_text = f"{2 * need} calibration samples ({need} held out to test the thresholds)"
-    else:
-        need_text = f"{need} calibration samples"
-    return (f"max_accuracy_drop={value:g} with delta={delta:g} needs at least {need_text}, but there are {total}: "
-            "with fewer, not even thresholds that change no prediction could be certified, so every exit is off. "
-            "Calibrate on more samples, or loosen max_accuracy_drop or delta (guarantee=False fits the calibration "
-            "data only)")
-
-
 def calibrate_cached(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target: Target, value: float,
                      guarantee: bool = True, delta: float | None = None, temperature: bool = False,
                      grid_size: int | None = None, seed: int = 0, warn: bool = True) -> Calibration:
@@ -147,7 +133,7 @@ def calibrate_cached(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target
         if temperature:
             raise BranchifyError("temperature=True changes no prediction, and 'patience' reads only the "
                                  "predictions; drop temperature=True")
-        return _patience(spec, cached, costs, target=target, value=value, guarantee=guarantee, delta=delta,
+        return calibrate_patience(spec, cached, costs, target=target, value=value, guarantee=guarantee, delta=delta,
                          warn=warn)
     steps = grid_size or default_grid_size(k)
     n = cached.samples
@@ -170,7 +156,7 @@ def calibrate_cached(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target
                     grid=ladders, delta=delta, bound_on=None, held_out=False, guarantee=False, met=met)
     if halves is None:
         if not met and warn:
-            _warn_unreachable(plain, target, value, cached, spec, costs)
+            warn_unreachable(plain, target, value, cached, spec, costs)
         return plain
     return _certified(spec, cached, costs, scores, correct, plain, halves, target=target, value=value,
                       delta=delta, steps=steps, warn=warn)
@@ -221,7 +207,7 @@ def _certified(spec: ExitSpec, cached: Cached, costs: ExitCosts, scores: list[to
 
     test_rungs = [r[test] for r in rungs]
     if target == "max_accuracy_drop":
-        too_few = _too_few(value, delta, len(test), n, split=True)
+        too_few = too_few_samples(value, delta, len(test), n, split=True)
         if too_few:
             if warn:
                 warnings.warn(too_few + ". The result carries met=False", UserWarning, stacklevel=4)
@@ -271,86 +257,6 @@ def _certified(spec: ExitSpec, cached: Cached, costs: ExitCosts, scores: list[to
             f"accuracy drop within {value:g} on {len(test)} held-out calibration samples, so every exit is off; "
             "calibrate on more samples, or loosen max_accuracy_drop or delta", UserWarning, stacklevel=4)
     return chosen
-
-
-def _patience(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target: Target, value: float, guarantee: bool,
-              delta: float, warn: bool) -> Calibration:
-    k, n = len(spec.exits), cached.samples
-    grid: list[list[float | None]] = [[None, *map(float, range(1, k + 1))] for _ in range(k)]
-    correct = cached.correct()
-    final = correct[-1]
-
-    def candidate(t: int | None) -> tuple[ExitSpec, torch.Tensor]:
-        s = spec.with_exits(threshold=[None if t is None else float(t)] * k)
-        return s, routed(s, cached)
-
-    def figures_of(t: int | None, *, met: bool | None = None, note: str | None = None) -> Calibration:
-        s, _ = candidate(t)
-        return figures(s, cached, costs, target=target, value=value, grid=grid, delta=delta, bound_on=None,
-                       held_out=guarantee, guarantee=guarantee, met=met, note=note)
-
-    def expected(t: int | None) -> float:
-        s, taken = candidate(t)
-        return float(torch.tensor(charged(s, costs).per_exit, dtype=torch.float64)[taken].mean())
-
-    def accuracy(t: int | None) -> float:
-        _, taken = candidate(t)
-        return float(correct[taken, torch.arange(n)].double().mean())
-
-    safe_first = [None, *range(k, 0, -1)]  # from off to the most aggressive
-    if not guarantee:
-        if target == "max_accuracy_drop":
-            ok = [t for t in safe_first if float(final.double().mean()) - accuracy(t) <= value + 1e-12]
-            return figures_of(min(ok, key=lambda t: (expected(t), -accuracy(t))))
-        ok = [t for t in safe_first if expected(t) <= value * costs.original * (1 + 1e-12)]
-        if ok:
-            return figures_of(max(ok, key=lambda t: (accuracy(t), -expected(t))))
-        result = figures_of(min(safe_first, key=lambda t: (expected(t), -accuracy(t))), met=False)
-        if warn:
-            _warn_unreachable(result, target, value, cached, spec, costs)
-        return result
-    if target == "max_accuracy_drop":
-        too_few = _too_few(value, delta, n, n, split=False)
-        if too_few:
-            if warn:
-                warnings.warn(too_few + ". The result carries met=False", UserWarning, stacklevel=4)
-            return figures_of(None, met=False, note=too_few)
-        passed: list[int | None] = [None]
-        for t in safe_first[1:]:
-            _, taken = candidate(t)
-            if drop_upper_bound(correct[taken, torch.arange(n)], final, delta) > value:
-                break
-            passed.append(t)
-        return figures_of(min(passed, key=lambda t: (expected(t), -accuracy(t))), met=True)
-    passed = []
-    for t in range(1, k + 1):  # cheapest first; all off costs the whole model, beyond any budget below 1
-        s, taken = candidate(t)
-        if cost_upper_bound(taken, charged(s, costs).per_exit, delta) > value * costs.original:
-            break
-        passed.append(t)
-    if not passed:
-        result = figures_of(1, met=False)
-        message = (f"mac_budget={value:g} cannot be certified with delta={delta:g} on {n} samples: even patience 1 "
-                   f"has a MAC bound of {result.bounds.mac_fraction:.4f}; raise mac_budget or calibrate on more "
-                   "samples")
-        if warn:
-            warnings.warn(message + ". The result carries met=False", UserWarning, stacklevel=4)
-        return figures_of(1, met=False, note=message)
-    return figures_of(max(passed, key=lambda t: (accuracy(t), -expected(t))), met=True)
-
-
-def _warn_unreachable(result: Calibration, target: Target, value: float, cached: Cached, spec: ExitSpec,
-                      costs: ExitCosts) -> None:
-    if target == "max_accuracy_drop":
-        message = (f"max_accuracy_drop={value:g} is unreachable on the {cached.samples} calibration samples: the "
-                   f"best thresholds on the grid lose {100 * result.accuracy_drop:.2f} points against the final exit; "
-                   f"ask for max_accuracy_drop >= {result.accuracy_drop:.4f}, or train better exit heads")
-    else:
-        message = (f"mac_budget={value:g} is unreachable: even the cheapest thresholds need "
-                   f"{result.mac_fraction:.4f} of the original model's MACs (leaving at exit 0, "
-                   f"{spec.exits[0].layer!r}, costs {costs.exits[0] / costs.original:.4f}); raise mac_budget to at "
-                   f"least {result.mac_fraction:.4f}, or attach an earlier exit")
-    warnings.warn(message + ". The result carries met=False", UserWarning, stacklevel=4)
 
 
 def _check_fraction(name: str, value, hint: str) -> float:
