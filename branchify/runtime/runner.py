@@ -23,6 +23,7 @@ from ..routing import exit_rules
 from ..spec import ExitSpec
 from .archive import load_runner, save_runner
 from .carried import check_carried
+from .checks import check_inputs
 from .hooked import route_hooks
 from .macs import MacTable
 from .result import ExitResult
@@ -156,22 +157,9 @@ class ExitRunner:
         return next(a for a in inputs if isinstance(a, torch.Tensor))
 
     def _check(self, inputs: tuple) -> None:
-        expected = self._num_inputs
-        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
-        if (expected is not None and len(inputs) != expected) or not tensors or not all(
-                a.ndim > 0 and a.shape[0] == tensors[0].shape[0] for a in tensors):
-            count = (f"{expected} input tensor(s)" if expected is not None else "the model's inputs"
-                     if self._hooks else f"the model's inputs ({', '.join(self._input_names())})")
-            raise BranchifyError(
-                f"ExitRunner takes {count}, each tensor with the same batch dim, like the model's forward; got "
-                f"{describe_inputs(inputs) or 'nothing'}{self._macs.since()}")
-        x = next((a for a in tensors if a.is_floating_point()), tensors[0])
-        if (self._dtype is not None and x.is_floating_point() and x.dtype != self._dtype) or (
-                self._device is not None and x.device != self._device):
-            raise BranchifyError(
-                f"the runner got a {x.dtype} input on {x.device}, but the module's parameters are {self._dtype} "
-                f"on {self._device}; convert the input (x.to({str(self._device)!r}, {self._dtype})) or the module "
-                "(module.to(...)) and build a new runner")
+        names = None if self._hooks or not self.stages else self._input_names()
+        check_inputs(inputs, count=self._num_inputs, names=names, dtype=self._dtype, device=self._device,
+                     since=self._macs.since())
 
     def _costs(self, inputs: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
         x = self._batch_input(inputs)
