@@ -24,15 +24,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import BranchifyError
+from . import datasets
 from .datasets import (
     _EXPECTED,
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    CIFAR10_MEAN,  # noqa: F401 (re-exported)
+    CIFAR10_STD,  # noqa: F401 (re-exported)
+    IMAGENET_MEAN,  # noqa: F401 (re-exported)
+    IMAGENET_STD,  # noqa: F401 (re-exported)
     SPLITS,
     LabelledSubset,
-    TensorImages,
+    TensorImages,  # noqa: F401 (re-exported)
     _check_fraction,
     _check_split,
     _cifar_folder,
@@ -43,25 +44,11 @@ from .datasets import (
     _stratified_split,
     cifar10_dataset,
     digits_dataset,
-    imagefolder_dataset,
+    imagefolder_dataset,  # noqa: F401 (re-exported)
 )
 
-__all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "SPLITS",
-    "LabelledSubset",
-    "Loaders",
-    "TensorImages",
-    "cifar10_dataset",
-    "digits_dataset",
-    "imagefolder_dataset",
-    "load_dataset",
-    "load_splits",
-    "make_loaders",
-]
+# The readers are re-exported: ``from branchify.distiller.data import digits_dataset`` keeps working.
+__all__ = [*datasets.__all__, "Loaders", "load_dataset", "load_splits", "make_loaders"]
 
 
 class Loaders(NamedTuple):
