@@ -21,6 +21,7 @@ that is off must cost nothing (ratio off/absent about 1).
 
     python benchmarks/runtime.py            # 7 repeats
     python benchmarks/runtime.py --quick    # 2 repeats, 16 samples at batch 1
+    python benchmarks/runtime.py --off-only --threads 1   # only the exit that is off, one thread
 """
 
 from __future__ import annotations
@@ -176,9 +177,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 repeats and 16 samples at batch 1")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7, quick 2)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--off-only", action="store_true", help="only the exit-off-against-absent timing")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 7)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -195,6 +198,12 @@ def main() -> None:
     with torch.inference_mode():
         result = runner(x)
     taken = result.exit_index
+    if args.off_only:
+        counts = [8, 4, 2, 2] if args.quick else [16, 8, 4, 4]
+        picks = torch.cat([torch.nonzero(taken == e).flatten()[:n] for e, n in enumerate(counts)])
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resnet50 224x224")
+        off_versus_absent(model, x, [x[j:j + 1].clone() for j in picks.tolist()], repeats, device)
+        return
     mix = taken.bincount(minlength=len(LAYERS) + 1).tolist()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resnet50 224x224, exits after "
           f"{', '.join(LAYERS)}; samples leaving at exits 0/1/2/final: {mix} of {len(x)}")

@@ -9,6 +9,7 @@ So easy samples are confidently right at the first exit, and hard ones only deep
 from __future__ import annotations
 
 import itertools
+import re
 import math
 import warnings
 
@@ -353,3 +354,15 @@ def test_digits_example_saves_compute_within_one_point():
     assert figures["calibration"].met
     assert figures["val_drop"] <= 0.01 and figures["val_saving"] >= 0.30
     assert figures["test_drop"] <= 0.015 and figures["test_saving"] >= 0.30
+
+
+def test_a_budget_too_tight_for_the_samples_says_how_many_would_do(crafted):
+    module, x, y = crafted
+    cheapest = bx.calibrate(module, loader_of(x, y), mac_budget=0.9, guarantee=False, progress=False)
+    floor = min(cheapest.costs.exits) / cheapest.costs.original  # everything leaving at exit 0
+    budget = floor + 0.002  # reachable on the data, but not certifiable on 300 held-out samples
+    with pytest.warns(UserWarning, match=r"mac_budget=.* cannot be certified .*calibrate on about (\d+) samples"):
+        cal = bx.calibrate(module, loader_of(x, y), mac_budget=budget, progress=False)
+    assert not cal.met and "held out) at these shares" in cal.note
+    need = int(re.search(r"about (\d+) samples", cal.note).group(1))
+    assert need > 600

@@ -117,3 +117,33 @@ def too_few_samples(value: float, delta: float, held_out: int, total: int, split
             "with fewer, not even thresholds that change no prediction could be certified, so every exit is off. "
             "Calibrate on more samples, or loosen max_accuracy_drop or delta (guarantee=False fits the calibration "
             "data only)")
+
+
+def samples_for_cost(taken: torch.Tensor, per_exit: list[float], delta: float, budget: float,
+                     limit: int = 10**7) -> int | None:
+    """About how many held-out samples would certify MACs within ``budget`` at the shares ``taken`` shows (the
+    same shares reaching each exit, more samples); None when the shares themselves cost more than the budget.
+
+    >>> import torch
+    >>> samples_for_cost(torch.zeros(50, dtype=torch.long), [1.0, 3.0], 0.1, 1.2) > 50
+    True
+    """
+    n = int(taken.numel())
+    shares = [float((taken >= j).sum()) / n for j in range(len(per_exit))]
+    if per_exit[0] + sum((per_exit[j] - per_exit[j - 1]) * shares[j] for j in range(1, len(per_exit))) >= budget:
+        return None
+    steps = [j for j in range(1, len(per_exit)) if per_exit[j] > per_exit[j - 1]]
+
+    def bound(m: int) -> float:
+        return per_exit[0] + sum((per_exit[j] - per_exit[j - 1])
+                                 * clopper_pearson_upper(round(shares[j] * m), m, delta / len(steps)) for j in steps)
+
+    low, high = 1, n
+    while bound(high) > budget:
+        low, high = high, 2 * high
+        if high > limit:
+            return None
+    while high - low > max(1, low // 100):  # to within 1%
+        mid = (low + high) // 2
+        low, high = (mid, high) if bound(mid) > budget else (low, mid)
+    return high

@@ -53,7 +53,7 @@ from ..criteria import get_criterion
 from ..errors import BranchifyError
 from ..exits import exit_module
 from ..spec import ExitSpec
-from .bounds import cost_upper_bound, drop_upper_bound, too_few_samples
+from .bounds import cost_upper_bound, drop_upper_bound, samples_for_cost, too_few_samples
 from .cache import Cached, collect_logits
 from .grid import (
     _MAX_EXITS,
@@ -230,10 +230,14 @@ def _certified(spec: ExitSpec, cached: Cached, costs: ExitCosts, scores: list[to
             passed.append(cell)
         if not passed:
             cheapest = result(sequence[0], met=False)
+            need = samples_for_cost(route_rungs(test_rungs, sequence[0]), cell_costs(costs, sequence[0]).per_exit,
+                                    delta, value * costs.original)
+            more = ("calibrate on more samples" if need is None else
+                    f"calibrate on about {2 * need} samples ({need} held out) at these shares")
             message = (f"mac_budget={value:g} cannot be certified with delta={delta:g} on {len(test)} held-out "
                        f"samples: even the cheapest thresholds' MAC bound is {cheapest.bounds.mac_fraction:.4f} of "
                        f"the original model's; raise mac_budget to at least {cheapest.bounds.mac_fraction:.4f}, "
-                       "calibrate on more samples, or attach an earlier exit")
+                       f"{more}, or attach an earlier exit")
             if warn:
                 warnings.warn(message + ". The result carries met=False", UserWarning, stacklevel=4)
             return result(sequence[0], met=False, note=message)
