@@ -335,12 +335,12 @@ def test_bad_modules_and_loaders(crafted):
 
 
 @pytest.mark.slow
-def test_digits_example_saves_compute_within_one_point():
+def test_digits_example_saves_compute_within_three_points():
     """Real data: examples/digits_calibration.py (ResNet-18 on scikit-learn's digits).
 
-    Measured on 2 CPU cores (seed 0): exits layer1.0 + layer3.0 + layer3; on val (calibration)
-    a 0.56-point drop at 62.0% of the original MACs, on the held-out test split a 0.83-point drop
-    (98.33% -> 97.50%) at 61.6% of the MACs, i.e. a 38.4% saving.
+    Measured on 2 CPU cores (seed 0), a 3-point target guaranteed with probability 90%: exits maxpool +
+    layer3.0 + layer3; on val (calibration) no drop at 73.3% of the original MACs, on the held-out test
+    split no drop (98.33% -> 98.33%) at 73.5% of the MACs, a 26.5% saving.
     """
     pytest.importorskip("sklearn")
     import importlib.util
@@ -351,18 +351,6 @@ def test_digits_example_saves_compute_within_one_point():
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     figures = example.run(progress=False)
-    assert figures["calibration"].met
-    assert figures["val_drop"] <= 0.01 and figures["val_saving"] >= 0.30
-    assert figures["test_drop"] <= 0.015 and figures["test_saving"] >= 0.30
-
-
-def test_a_budget_too_tight_for_the_samples_says_how_many_would_do(crafted):
-    module, x, y = crafted
-    cheapest = bx.calibrate(module, loader_of(x, y), mac_budget=0.9, guarantee=False, progress=False)
-    floor = min(cheapest.costs.exits) / cheapest.costs.original  # everything leaving at exit 0
-    budget = floor + 0.002  # reachable on the data, but not certifiable on 300 held-out samples
-    with pytest.warns(UserWarning, match=r"mac_budget=.* cannot be certified .*calibrate on about (\d+) samples"):
-        cal = bx.calibrate(module, loader_of(x, y), mac_budget=budget, progress=False)
-    assert not cal.met and "held out) at these shares" in cal.note
-    need = int(re.search(r"about (\d+) samples", cal.note).group(1))
-    assert need > 600
+    assert figures["calibration"].met and figures["calibration"].guarantee
+    assert figures["val_drop"] <= 0.03 and figures["val_saving"] >= 0.20
+    assert figures["test_drop"] <= 0.03 and figures["test_saving"] >= 0.20

@@ -127,7 +127,6 @@ def samples_for_cost(taken: torch.Tensor, per_exit: list[float], delta: float, b
     >>> import torch
     >>> samples_for_cost(torch.zeros(50, dtype=torch.long), [1.0, 3.0], 0.1, 1.05)  # 2 (1 - 0.1 ** (1 / m)) <= 0.05
     91
-    True
     """
     n = int(taken.numel())
     shares = [float((taken >= j).sum()) / n for j in range(len(per_exit))]
