@@ -1,7 +1,9 @@
 """Saving and loading modules with exits: a spec and weights, never pickled code.
 
-A checkpoint is one safetensors file. Its header carries the spec (JSON), a format version and a
-SHA-256 digest of the weights; its tensors are the exit heads and, optionally, the backbone. Loading
+A checkpoint is one safetensors file. Its header carries the spec (JSON), a format version, the
+other facts the module is rebuilt from, and a SHA-256 digest of all of them and of the weights, so
+an edit to any byte that changes behaviour (a threshold, a criterion, a temperature, an exit moved,
+another spec swapped in) is refused; its tensors are the exit heads and, optionally, the backbone. Loading
 rebuilds the module from the unmodified model and the spec with ``attach_exits``, checks every
 saved name and shape against it and the digest against the data, and only then loads: a mismatch
 leaves the module untouched. Saving writes a temporary file beside the target and renames it, so a
@@ -14,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,12 +32,18 @@ from .surgery import attach_exits
 
 __all__ = ["FORMAT_VERSION", "load", "save"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KIND = "branchify-checkpoint"
+_DIGEST = "sha256"
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 of every header entry but the digest itself (format 2; format 1 covered the tensors only),
+    then of every tensor's name, dtype, shape and bytes."""
     sha = hashlib.sha256()
+    if metadata is not None:
+        covered = {k: v for k, v in metadata.items() if k != _DIGEST}
+        sha.update(json.dumps(covered, sort_keys=True, ensure_ascii=False).encode() + b"\0")
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         sha.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -75,8 +84,8 @@ def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool =
         "exit_path": str(getattr(module, "exit_path", "fx")),
         "num_classes": str(getattr(module, "num_classes", "")),
         "include_backbone": json.dumps(include_backbone),
-        "sha256": _digest(tensors),
     }
+    metadata[_DIGEST] = _digest(tensors, metadata)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     data = _canonical(save_bytes(tensors, metadata=metadata))
@@ -144,13 +153,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[ExitSpec, dict[str, str], 
         raise BranchifyError(f"{str(file)!r} is a safetensors file but not a branchify checkpoint (no "
                              f"'format: {_KIND}' in its header); write one with bx.save(module, path)")
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version == "1":
+        # Format 1's digest covered the weights only: its header can have been edited unnoticed.
+        if metadata.get(_DIGEST) != _digest(tensors):
+            raise BranchifyError(f"{str(file)!r}: the weights do not match the digest in its header: the file "
+                                 "was altered or damaged after saving. Save it again with bx.save")
+        warnings.warn(
+            f"{str(file)!r} is a format-1 checkpoint, whose digest covers the weights but not the header (the "
+            "spec, thresholds, criteria): an edit to those cannot be detected. Load it where you trust it and "
+            "save it again with bx.save (format 2 covers every byte)", UserWarning, stacklevel=3)
+    elif version != str(FORMAT_VERSION):
         raise BranchifyError(
-            f"{str(file)!r} has checkpoint format version {version}, but this branchify reads version "
+            f"{str(file)!r} has checkpoint format version {version}, but this branchify reads versions 1 and "
             f"{FORMAT_VERSION}; load it with the branchify version that wrote it and save it again")
-    if metadata.get("sha256") != _digest(tensors):
-        raise BranchifyError(f"{str(file)!r}: the weights do not match the digest in its header: the file was "
-                             "altered or damaged after saving. Save it again with bx.save")
+    elif metadata.get(_DIGEST) != _digest(tensors, metadata):
+        raise BranchifyError(f"{str(file)!r}: its header or its weights do not match the digest in its header: "
+                             "the file was altered or damaged after saving. Save it again with bx.save")
     try:
         spec = ExitSpec.model_validate_json(metadata["spec"])
     except Exception as err:

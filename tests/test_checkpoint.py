@@ -122,14 +122,15 @@ def test_truncated_altered_and_foreign_files_are_refused(tmp_path):
         bx.load(tmp_path / "missing.safetensors", fresh(), X)
 
 
-def _rewrite_header(path, dest, **changes):
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8: 8 + n])
-    header["__metadata__"].update(changes)
-    raw = json.dumps(header).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    dest.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+def _rewrite_header(path, dest, *, resign: bool = False, **changes):
+    """A copy of ``path`` with header entries changed (and, with ``resign``, the digest made to match them)."""
+    def edit(metadata):
+        metadata = {**metadata, **changes}
+        if resign:
+            _, _, tensors = checkpoint.read_checkpoint(path)
+            metadata["sha256"] = checkpoint._digest(tensors, metadata)
+        return metadata
+    dest.write_bytes(_with_header(path.read_bytes(), edit))
     return dest
 
 
@@ -137,11 +138,11 @@ def test_other_format_version_and_invalid_spec_are_refused(tmp_path):
     _, module = trained_module()
     path = bx.save(module, tmp_path / "m.safetensors")
     future = _rewrite_header(path, tmp_path / "future.safetensors", format_version="99")
-    with pytest.raises(bx.BranchifyError, match="format version 99, but this branchify reads version 1"):
+    with pytest.raises(bx.BranchifyError, match="format version 99, but this branchify reads versions 1 and 2"):
         bx.load(future, fresh(), X)
     bad = json.loads(module.exit_spec.model_dump_json())
     bad["exits"][0]["weight"] = 0.9
-    broken = _rewrite_header(path, tmp_path / "broken.safetensors", spec=json.dumps(bad))
+    broken = _rewrite_header(path, tmp_path / "broken.safetensors", resign=True, spec=json.dumps(bad))
     with pytest.raises(bx.BranchifyError, match="the spec in its header is not valid"):
         bx.load(broken, fresh(), X)
 
@@ -189,3 +190,62 @@ def test_same_weights_give_the_same_bytes(tmp_path):
     n = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8:8 + n])["__metadata__"]
     assert list(metadata) == sorted(metadata)
+
+
+def _with_header(data: bytes, edit) -> bytes:
+    """``data`` with its header's metadata passed through ``edit`` (the tensors and offsets untouched)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + length])
+    header["__metadata__"] = edit(dict(header["__metadata__"]))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + length:]
+
+
+def _spec_edit(change):
+    def edit(metadata):
+        spec = json.loads(metadata["spec"])
+        change(spec)
+        return {**metadata, "spec": json.dumps(spec)}
+    return edit
+
+
+HEADER_EDITS = {
+    "threshold 0.5 -> 99": _spec_edit(lambda s: s["exits"][0].update(threshold=99.0)),
+    "criterion entropy -> confidence": _spec_edit(lambda s: s.update(criterion="confidence")),
+    "temperature -> 50": _spec_edit(lambda s: s["exits"][0].update(temperature=50.0)),
+    # layer1.0 gives the same shape as layer1: its trained head would run on another layer
+    "exit moved to another layer of the same shape": _spec_edit(lambda s: s["exits"][0].update(layer="layer1.0")),
+    "another checkpoint's spec swapped in": lambda m: {**m, "spec": SPEC.with_exits(threshold=[0.1, 0.2])
+                                                      .model_dump_json()},
+    "exit path": lambda m: {**m, "exit_path": "hooks"},
+    "a new entry": lambda m: {**m, "note": "harmless?"},
+}
+
+
+@pytest.mark.parametrize("edit", list(HEADER_EDITS))
+def test_every_edit_of_the_header_is_refused(tmp_path, edit):
+    _, module = trained_module()
+    path = bx.save(module, tmp_path / "m.safetensors")
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(_with_header(path.read_bytes(), HEADER_EDITS[edit]))
+    bx.ExitSpec.model_validate_json(json.loads(edited.read_bytes()[8:8 + int.from_bytes(
+        edited.read_bytes()[:8], "little")])["__metadata__"]["spec"])  # still a valid spec: only the digest can tell
+    with pytest.raises(bx.BranchifyError, match="its header or its weights do not match the digest.*altered"):
+        bx.load(edited, fresh(), X)
+
+
+def test_a_format_1_checkpoint_still_loads_and_warns_that_its_header_is_not_covered(tmp_path):
+    _, module = trained_module()
+    path = bx.save(module, tmp_path / "m.safetensors")
+    _, _, tensors = checkpoint.read_checkpoint(path)
+
+    def as_format_1(metadata):  # what branchify wrote before format 2: the digest of the weights only
+        return {**metadata, "format_version": "1", "sha256": checkpoint._digest(tensors)}
+
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(_with_header(path.read_bytes(), as_format_1))
+    with pytest.warns(UserWarning, match="format-1 checkpoint, whose digest covers the weights but not the header"):
+        again = bx.load(old, fresh(), X)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(again.eval()(X), module.eval()(X)))
