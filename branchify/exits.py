@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from .errors import BranchifyError
@@ -72,7 +73,11 @@ class Exits:
         memo = self.__dict__.setdefault("_exit_cost_memo", {})
         costs = memo.get(key) if key is not None else None
         if costs is None:
-            costs = self._count_exit_costs(inputs)
+            # Counted outside inference mode (the fake pass reads version counters, which inference tensors
+            # lack), on copies of any inference tensors: a runner called under torch.inference_mode() can meet
+            # a new input shape.
+            with torch.inference_mode(False):
+                costs = self._count_exit_costs(inputs.map(lambda t: t.clone() if t.is_inference() else t))
             if key is not None:
                 memo[key] = costs
         return costs.judging(self.exit_spec.judged)

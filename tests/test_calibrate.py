@@ -9,7 +9,6 @@ So easy samples are confidently right at the first exit, and hard ones only deep
 from __future__ import annotations
 
 import itertools
-import re
 import math
 import warnings
 
