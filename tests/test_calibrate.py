@@ -166,7 +166,8 @@ def test_reachable_targets_do_not_warn(crafted):
 def test_temperature_scaling_lowers_nll():
     module = crafted_module(head_scale=4.0)  # overconfident heads
     x, y = crafted_data(600)
-    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, temperature=True, guarantee=False, progress=False)
+    cal = bx.calibrate(module, loader_of(x, y), max_accuracy_drop=0.01, temperature=True, guarantee=False,
+                       progress=False)
     with torch.no_grad():
         exits = module(x)[:-1]
     temperatures = [p.temperature for p in cal.spec.exits]

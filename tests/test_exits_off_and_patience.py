@@ -123,8 +123,8 @@ def test_the_hook_path_skips_an_exit_that_is_off(resnet):
 def test_patience_routes_as_the_per_sample_loop_on_both_paths(resnet, patience):
     model, module, x = resnet
     mixed = module.exit_spec
-    spec = bx.ExitSpec(exits=[p.model_copy(update={"threshold": float(patience), "criterion": None}) for p in mixed.exits],
-                       criterion="patience")
+    spec = bx.ExitSpec(exits=[p.model_copy(update={"threshold": float(patience), "criterion": None})
+                              for p in mixed.exits], criterion="patience")
     hooked = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in LAYERS]), x[:1],
                              capture="hooks").eval()
     hooked.exit_heads.load_state_dict(module.exit_heads.state_dict())

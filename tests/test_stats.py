@@ -321,7 +321,8 @@ def test_int32_targets_are_accepted():
 
 
 def test_routed_statistics_need_thresholds():
-    with pytest.raises(bx.BranchifyError, match=r"no exit of the spec has a threshold.*with_exits\(threshold=.*mode='forced'"):
+    with pytest.raises(bx.BranchifyError,
+                       match=r"no exit of the spec has a threshold.*with_exits\(threshold=.*mode='forced'"):
         bx.ExitStats(bx.ExitSpec(exits=[bx.ExitPoint(layer="a")]))
 
 
