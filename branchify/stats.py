@@ -96,11 +96,96 @@ class ExitStats:
                     UserWarning, stacklevel=2)
         self.reset()
 
+    def _allocate(self, classes: int, device: torch.device) -> None:
+        k = len(self.spec.exits)
+        maxk = min(max(self.topk), classes)
+        self._table = torch.zeros(k + 1, maxk + 1, dtype=torch.int64, device=device)
+        self._loss = torch.zeros(k + 1, dtype=torch.float64, device=device)
+        self._invalid = torch.zeros((), dtype=torch.int64, device=device)
+        # routed with labels: per class and exit, the samples taken and the top-1 hits among them
+        self._per_class = torch.zeros(classes, k + 1, 2, dtype=torch.int64, device=device)
+
+    def _counts(self) -> list[torch.Tensor]:
+        return [self._table, self._loss, self._invalid, self._per_class]
+
+    def merge(self, other: ExitStats) -> ExitStats:
+        """Add ``other``'s samples to these statistics (the same spec, mode and top-k); returns ``self``.
+
+        For statistics gathered in pieces: on shards of the data, in threads that each keep their own
+        ``ExitStats`` (the pattern to use for concurrent updates: one per thread, merged at the end).
+
+        >>> import torch, branchify as bx
+        >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5)])
+        >>> one, two = bx.ExitStats(spec), bx.ExitStats(spec)
+        >>> one.update((torch.tensor([[9.0, 0.0]]), torch.tensor([[0.0, 9.0]])), torch.tensor([0]))
+        >>> two.update((torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 9.0]])), torch.tensor([1]))
+        >>> [row.taken for row in one.merge(two).summary().exits]
+        [1, 1]
+        """
+        if not isinstance(other, ExitStats):
+            raise BranchifyError(f"merge needs another bx.ExitStats, got {type(other).__name__}")
+        if (other.spec, other.mode, other.topk) != (self.spec, self.mode, self.topk):
+            raise BranchifyError(
+                "these statistics differ in spec, mode or topk from the ones merged in "
+                f"(mode {self.mode!r} vs {other.mode!r}, topk {self.topk} vs {other.topk}, same spec: "
+                f"{self.spec == other.spec}); merge statistics made with the same arguments")
+        if other._table is None:
+            return self
+        if self._table is None:
+            self._allocate(other._num_classes, other._table.device)
+        elif (other._num_classes, other._labeled) != (self._num_classes, self._labeled):
+            raise BranchifyError(
+                f"these statistics have {self._num_classes} classes and were given targets: {self._labeled}; the "
+                f"ones merged in {other._num_classes} and {other._labeled}; merge statistics of one model, "
+                "all with targets or all without")
+        for mine, theirs in zip(self._counts(), other._counts()):
+            mine += theirs.to(mine.device)
+        self._num_classes, self._labeled = other._num_classes, other._labeled
+        return self
+
+    def all_reduce(self, group=None) -> ExitStats:
+        """Sum the statistics of every rank of ``group`` (torch.distributed), in place; returns ``self``.
+
+        Each rank updates on its own shard of the data (a ``DistributedSampler``); after this every
+        rank's ``summary()`` covers all of it. A rank that saw no batch takes part too. Collective:
+        every rank of the group must call it.
+        """
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise BranchifyError("all_reduce needs torch.distributed initialised (torchrun, dist.init_process_group); "
+                                 "in one process use stats.merge(other)")
+        if self._table is not None:
+            device = self._table.device
+        else:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+                else torch.device("cpu")
+        # Agree on what the tables look like first: the classes, and whether targets were given.
+        mine = -1 if self._num_classes is None else self._num_classes
+        labeled = -1 if self._labeled is None else int(self._labeled)
+        facts = torch.tensor([mine, -mine if mine >= 0 else -(2**62), labeled, -labeled if labeled >= 0 else -2],
+                             dtype=torch.int64, device=device)
+        dist.all_reduce(facts, op=dist.ReduceOp.MAX, group=group)
+        classes, lowest, labeled_max, labeled_min = int(facts[0]), -int(facts[1]), int(facts[2]), -int(facts[3])
+        if classes < 0:
+            return self  # no rank saw a batch
+        if lowest != classes or labeled_max != labeled_min:
+            raise BranchifyError(
+                "the ranks' statistics differ in the number of classes or in whether targets were given; every rank "
+                "must measure the same model, all with targets or all without")
+        if self._table is None:
+            self._allocate(classes, device)
+            self._num_classes, self._labeled = classes, bool(labeled_max)
+        for counts in self._counts():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        return self
+
     def reset(self) -> None:
         """Forget every sample seen so far."""
         self._table: torch.Tensor | None = None  # (exits + 1, maxk + 1): samples by exit and rank of the label
         self._loss: torch.Tensor | None = None
         self._invalid: torch.Tensor | None = None
+        self._per_class: torch.Tensor | None = None
         self._num_classes: int | None = None
         self._labeled: bool | None = None
 
@@ -116,12 +201,7 @@ class ExitStats:
         classes, device = int(final.shape[1]), final.device
         safe, invalid = self._checked_target(target, final)
         if self._table is None:
-            maxk = min(max(self.topk), classes)
-            self._table = torch.zeros(k + 1, maxk + 1, dtype=torch.int64, device=device)
-            self._loss = torch.zeros(k + 1, dtype=torch.float64, device=device)
-            self._invalid = torch.zeros((), dtype=torch.int64, device=device)
-            # routed with labels: per class and exit, the samples taken and the top-1 hits among them
-            self._per_class = torch.zeros(classes, k + 1, 2, dtype=torch.int64, device=device)
+            self._allocate(classes, device)
         self._num_classes, self._labeled = classes, safe is not None
         if invalid is not None:
             self._invalid += invalid

@@ -15,6 +15,7 @@ summation order, which is what the tolerance below allows for.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -94,6 +95,9 @@ def worker(rank: int, port: int, directory: str, kind: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        if kind.startswith("stats"):
+            stats_worker(rank, directory, kind)
+            return
         x, y = data()
         half = GLOBAL_BATCH // WORLD
         x, y = x[:, rank * half:(rank + 1) * half], y[:, rank * half:(rank + 1) * half]
@@ -131,6 +135,33 @@ def fsdp_worker(rank: int, initial: dict, x: torch.Tensor, y: torch.Tensor, dire
         plain.load_state_dict(full)
         bx.save(plain, os.path.join(directory, "fsdp.safetensors"))
     dist.barrier()
+
+
+STATS_SPEC = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.6), bx.ExitPoint(layer="b", threshold=0.6)],
+                         criterion="confidence")
+
+
+def stats_batches() -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Six batches of three exits' logits and labels, the same in every process."""
+    g = torch.Generator().manual_seed(7)
+    return [(tuple(torch.randn(5, CLASSES, generator=g) * 3 for _ in range(3)),
+             torch.randint(0, CLASSES, (5,), generator=g)) for _ in range(6)]
+
+
+def stats_of(batches, mode: str) -> bx.ExitStats:
+    stats = bx.ExitStats(STATS_SPEC, mode=mode)
+    for outputs, target in batches:
+        stats.update(outputs, target)
+    return stats
+
+
+def stats_worker(rank: int, directory: str, kind: str) -> None:
+    """Each rank updates on its shard (rank 1 on nothing with "stats_empty"), then all_reduce."""
+    batches = stats_batches()
+    shard = batches[rank::WORLD] if kind == "stats" else (batches if rank == 0 else [])
+    for mode in ("routed", "forced"):
+        stats = stats_of(shard, mode).all_reduce()
+        Path(directory, f"{mode}{rank}.json").write_text(json.dumps(stats.summary().to_dict()))
 
 
 def free_port() -> int:
@@ -234,3 +265,41 @@ def test_saving_a_sharded_module_asks_for_a_full_state_dict(tmp_path):
         assert not (tmp_path / "exits.safetensors").exists()
     finally:
         dist.destroy_process_group()
+
+
+def assert_same(got, want) -> None:
+    """Equal summaries: counts exactly, float sums (losses) up to their summation order."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_same(got[key], want[key])
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert_same(a, b)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("kind", ["stats", "stats_empty"])
+def test_statistics_all_reduced_over_ranks_equal_one_process_over_all_the_data(tmp_path, kind):
+    run_workers(tmp_path, kind)
+    for mode in ("routed", "forced"):
+        whole = stats_of(stats_batches(), mode).summary().to_dict()
+        for rank in range(WORLD):
+            assert_same(json.loads((tmp_path / f"{mode}{rank}.json").read_text()), json.loads(json.dumps(whole)))
+
+
+def test_merged_statistics_equal_one_pass_over_all_the_data():
+    batches = stats_batches()
+    for mode in ("routed", "forced"):
+        merged = stats_of(batches[:2], mode).merge(stats_of(batches[2:], mode))
+        merged.merge(bx.ExitStats(STATS_SPEC, mode=mode))  # one that saw nothing
+        assert_same(merged.summary().to_dict(), stats_of(batches, mode).summary().to_dict())
+    with pytest.raises(bx.BranchifyError, match="differ in spec, mode or topk"):
+        stats_of(batches, "routed").merge(stats_of(batches, "forced"))
+    with pytest.raises(bx.BranchifyError, match="needs torch.distributed initialised"):
+        stats_of(batches, "routed").all_reduce()
+
