@@ -503,9 +503,12 @@ def check_valid_spec_invariants(spec: bx.ExitSpec | None) -> bool:
         return False
     layers = spec.layers
     assert layers and len(set(layers)) == len(layers) and all(isinstance(name, str) and name for name in layers)
-    for field in ("threshold", "weight"):
-        values = [getattr(p, field) for p in spec.exits]
-        assert all(v is None for v in values) or all(v is not None and math.isfinite(v) and v >= 0 for v in values)
+    weights = [p.weight for p in spec.exits]
+    assert all(v is None for v in weights) or all(v is not None and math.isfinite(v) and v >= 0 for v in weights)
+    # a threshold may be missing on some exits (they are off) and negative (a criterion's scores may be)
+    assert all(p.threshold is None or math.isfinite(p.threshold) for p in spec.exits)
+    assert all(p.threshold is None or (p.threshold.is_integer() and p.threshold >= 1)
+               for i, p in enumerate(spec.exits) if spec.criterion_of(i) == "patience")
     assert math.fsum(spec.weights or []) < 1
     assert all(math.isfinite(p.temperature) and p.temperature > 0 for p in spec.exits)
     assert bx.ExitSpec.model_validate_json(spec.model_dump_json()) == spec

@@ -111,7 +111,8 @@ def test_loaders_of_dicts_with_labels_feed_costs_statistics_and_calibration():
     loader = DataLoader(rows, batch_size=4)
     costs = bx.exit_costs(module, inputs(1))
     assert costs.exits[0] < costs.exits[1] < costs.full
-    calibration = bx.calibrate(module, loader, max_accuracy_drop=0.5, progress=False)
+    # guarantee=False: a handful of sentences cannot certify anything (the guarantee would switch every exit off)
+    calibration = bx.calibrate(module, loader, max_accuracy_drop=0.5, guarantee=False, progress=False)
     assert len(calibration.spec.exits) == 2
     stats = bx.ExitStats(calibration.spec)
     with torch.no_grad():
