@@ -490,3 +490,64 @@ def test_a_failure_inside_a_stage_is_not_reported_as_the_user_s_input():
     runner._run_stages = [out_of_memory, *runner._run_stages[1:]]
     with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
         runner(x)
+
+
+def _saved_runner(tmp_path):
+    module = built("tiny")
+    x = batch("tiny")
+    with_mix(module, x)
+    bx.ExitRunner(module).save(tmp_path, example_inputs=x[:1])
+    return tmp_path / "routing.json"
+
+
+TABLE_EDITS = {
+    "a threshold": lambda t: t["exits"][0].update(threshold=99.0),
+    "a criterion": lambda t: t["exits"][0].update(criterion="confidence"),
+    "a temperature": lambda t: t["exits"][0].update(temperature=50.0),
+    "the MAC figures": lambda t: t["macs"][0]["per_exit"].__setitem__(0, 1.0),
+    "the programs' order": lambda t: t.update(stages=t["stages"][::-1]),
+}
+
+
+@pytest.mark.parametrize("edit", list(TABLE_EDITS))
+def test_a_saved_runner_whose_table_was_edited_is_refused(tmp_path, edit):
+    path = _saved_runner(tmp_path)
+    table = json.loads(path.read_text())
+    TABLE_EDITS[edit](table)
+    path.write_text(json.dumps(table))
+    with pytest.raises(bx.BranchifyError, match="does not match the digest in the table: the folder was altered"):
+        bx.ExitRunner.load(tmp_path)
+
+
+def test_a_saved_runner_whose_program_was_changed_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    path = _saved_runner(tmp_path)
+    program = tmp_path / json.loads(path.read_text())["heads"][0]
+    data = bytearray(program.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    program.write_bytes(bytes(data))
+    read = []
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: read.append(a))
+    with pytest.raises(bx.BranchifyError, match="does not match the digest"):
+        bx.ExitRunner.load(tmp_path)
+    assert not read, "nothing may be unpickled from an altered folder"
+
+
+def test_a_saved_runner_naming_files_outside_its_folder_is_refused(tmp_path):
+    path = _saved_runner(tmp_path)
+    table = json.loads(path.read_text())
+    table["heads"][0] = "../elsewhere.pt2"
+    path.write_text(json.dumps(table))
+    with pytest.raises(bx.BranchifyError, match="outside its folder"):
+        bx.ExitRunner.load(tmp_path)
+
+
+def test_a_version_1_runner_folder_still_loads_and_warns_that_nothing_covers_it(tmp_path):
+    path = _saved_runner(tmp_path)
+    table = json.loads(path.read_text())
+    table["version"] = 1  # what branchify wrote before version 2: no digest
+    del table["sha256"]
+    path.write_text(json.dumps(table))
+    with pytest.warns(UserWarning, match="version-1 runner folder, which has no digest"):
+        runner = bx.ExitRunner.load(tmp_path)
+    x = batch("tiny")
+    assert runner(x).logits.shape == (len(x), 10)

@@ -1,12 +1,16 @@
 """A runner on disk: each stage and head a ``torch.export`` program, and a JSON routing table.
 
-The programs are read back with weights-only unpickling forced, so a tampered archive cannot run code.
+The table carries a SHA-256 digest of itself (every entry but the digest) and of every program file,
+checked before anything is read, so an edited threshold or a changed program is refused; the programs
+are read back with weights-only unpickling forced, so a tampered archive cannot run code either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +23,31 @@ from ..spec import ExitSpec
 __all__ = ["load_runner", "save_runner"]
 
 _FORMAT = "branchify-runner"
-_VERSION = 1
+_VERSION = 2
 _TABLE = "routing.json"
+_DIGEST = "sha256"
+
+
+def _digest(table: dict, directory: Path) -> str:
+    """SHA-256 of the table's entries (but the digest) and of each program file, by name, in the table's order."""
+    sha = hashlib.sha256()
+    sha.update(json.dumps({k: v for k, v in table.items() if k != _DIGEST}, sort_keys=True).encode() + b"\0")
+    for name in [*table.get("stages", []), *table.get("heads", [])]:
+        sha.update(name.encode() + b"\0" + (directory / name).read_bytes())
+    return sha.hexdigest()
+
+
+def _program_names(table: dict, path: Path) -> list[str]:
+    names = [*table.get("stages", []), *table.get("heads", [])]
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or not n.endswith(".pt2")]
+    if bad:
+        raise BranchifyError(f"{str(path)!r} names programs {bad} outside its folder or of another kind; the table "
+                             "was altered. Save the runner again with runner.save(dir)")
+    missing = [n for n in names if not (path.parent / n).is_file()]
+    if missing:
+        raise BranchifyError(f"{str(path)!r} names programs {missing} that the folder lacks; copy the whole folder, "
+                             "or save the runner again")
+    return names
 
 
 def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
@@ -69,6 +96,7 @@ def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
                   "per_exit": runner._costs(example).tolist()}],
         **names,
     }
+    table[_DIGEST] = _digest(table, directory)
     (directory / _TABLE).write_text(json.dumps(table, indent=2) + "\n")
     return directory
 
@@ -79,11 +107,25 @@ def load_runner(cls, directory: str | os.PathLike):
     path = directory / _TABLE
     if not path.is_file():
         raise BranchifyError(f"no {_TABLE} in {str(directory)!r}; pass a directory written by runner.save(dir)")
-    table = json.loads(path.read_text())
-    if table.get("format") != _FORMAT or table.get("version") != _VERSION:
+    try:
+        table = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BranchifyError(f"{str(path)!r} is not readable JSON ({err}); it was altered or damaged. Save the "
+                             "runner again with runner.save(dir)") from None
+    if not isinstance(table, dict) or table.get("format") != _FORMAT or table.get("version") not in (1, _VERSION):
+        found = (table.get("format"), table.get("version")) if isinstance(table, dict) else (None, None)
         raise BranchifyError(
-            f"{str(path)!r} is not a branchify runner table of version {_VERSION} (format "
-            f"{table.get('format')!r}, version {table.get('version')!r}); save it again with this branchify")
+            f"{str(path)!r} is not a branchify runner table of version 1 or {_VERSION} (format {found[0]!r}, "
+            f"version {found[1]!r}); save it again with this branchify")
+    _program_names(table, path)
+    if table["version"] == 1:
+        warnings.warn(f"{str(path)!r} is a version-1 runner folder, which has no digest: an edit to its table or "
+                      "programs cannot be detected. Save the runner again (version 2 covers every file)",
+                      UserWarning, stacklevel=3)
+    elif table.get(_DIGEST) != _digest(table, directory):
+        raise BranchifyError(f"{str(path)!r}: the routing table or a program does not match the digest in the table: "
+                             "the folder was altered or damaged after saving. Save the runner again with "
+                             "runner.save(dir)")
     spec = ExitSpec(exits=[{"layer": e["layer"], "threshold": e["threshold"], "criterion": e["criterion"],
                             "temperature": e["temperature"]} for e in table["exits"]])
     with _weights_only_loads():
