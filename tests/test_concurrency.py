@@ -48,3 +48,28 @@ def test_a_runner_under_inference_mode_takes_a_new_input_shape():
         result = runner(torch.randn(3, 3, 48, 48))  # a shape the runner has not counted yet
         costs = bx.exit_costs(module, torch.randn(1, 3, 48, 48))
     assert result.macs.tolist() == [costs.per_exit[e] for e in result.exit_index.tolist()]
+
+
+def test_statistics_fed_from_eight_threads_one_per_thread_then_merged_equal_one_pass():
+    """The pattern the docs recommend for concurrent updates: an ExitStats per thread, merged at the end."""
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.6)], criterion="confidence")
+    g = torch.Generator().manual_seed(2)
+    batches = [((torch.randn(6, 4, generator=g) * 3, torch.randn(6, 4, generator=g)), torch.randint(0, 4, (6,),
+                                                                                                   generator=g))
+               for _ in range(THREADS * CALLS)]
+    whole = bx.ExitStats(spec)
+    for outputs, target in batches:
+        whole.update(outputs, target)
+
+    def feed(part: int) -> bx.ExitStats:
+        stats = bx.ExitStats(spec)
+        for outputs, target in batches[part::THREADS]:
+            stats.update(outputs, target)
+        return stats
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        parts = list(pool.map(feed, range(THREADS)))
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.merge(part)
+    assert merged.summary() == whole.summary()
