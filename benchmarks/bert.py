@@ -51,6 +51,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from runtime import ideal  # benchmarks/runtime.py: this script's folder comes first on sys.path
 
 import branchify as bx
 from branchify.criteria import get_criterion
@@ -110,30 +111,6 @@ def set_thresholds(module: bx.ExitModule, outputs: list[torch.Tensor]) -> float:
 def stage_inputs(runner: bx.ExitRunner, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Stage 0's positional inputs: the model's named inputs in placeholder order."""
     return tuple(batch[str(n.target)] for n in runner.stages[0].graph.nodes if n.op == "placeholder")
-
-
-def ideal(runner: bx.ExitRunner, batch: dict[str, torch.Tensor], exit_index: torch.Tensor) -> Callable[[], None]:
-    """(d): each stage and head on exactly the samples that reach it, with the sub-batches prepared beforehand."""
-    k = len(runner.heads)
-    work = []
-    with torch.inference_mode():
-        values, taken = stage_inputs(runner, batch), exit_index
-        for i, stage in enumerate(runner.stages):
-            if len(taken) == 0:
-                break
-            head = (runner.heads[i], runner._head_inputs[i]) if i < k else None
-            work.append((stage, values, head))
-            values = stage(*values)
-            keep = taken > i
-            values, taken = tuple(v[keep] for v in values), taken[keep]
-
-    def run() -> None:
-        for stage, inputs, head in work:
-            out = stage(*inputs)
-            if head is not None:
-                head[0](*out[:head[1]])
-
-    return run
 
 
 def timed(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, list[float]]]:
@@ -231,7 +208,7 @@ def main() -> None:
           f"max |diff| {single_error:.1e}; smallest score-threshold margin {margin:.1e}", flush=True)
 
     variants = {"a": lambda: model(**batch).logits, "b": lambda: runner(batch),
-                "c": lambda: [runner(s) for s in singles], "d": ideal(runner, batch, taken)}
+                "c": lambda: [runner(s) for s in singles], "d": ideal(runner, stage_inputs(runner, batch), taken)}
     totals = timed(variants, repeats)
     print(f"{'clock':<5} {'time':<6} {'a orig ms':>9} {'b runner':>9} {'c loop':>9} {'d ideal':>9}   "
           f"{'d/b':>6} {'a/b':>6} {'c/b':>6} {'MAC a/b':>7}   ({repeats} repeats)")

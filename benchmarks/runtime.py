@@ -64,16 +64,20 @@ def set_thresholds(module: bx.ExitModule, x: torch.Tensor) -> None:
     module.exit_spec = module.exit_spec.with_exits(threshold=thresholds)
 
 
-def ideal(runner: bx.ExitRunner, x: torch.Tensor, exit_index: torch.Tensor) -> Callable[[], None]:
-    """(c): each stage on exactly the samples that reach it, with the sub-batches prepared beforehand."""
+def ideal(runner: bx.ExitRunner, x: torch.Tensor | tuple[torch.Tensor, ...],
+          exit_index: torch.Tensor) -> Callable[[], None]:
+    """(c): each stage and head on exactly the samples that reach it, with the sub-batches prepared beforehand.
+
+    ``x``: stage 0's input, or its positional inputs (``benchmarks/bert.py`` uses this one too)."""
     k = len(runner.heads)
     work = []
     with torch.inference_mode():
-        values, taken = (x,), exit_index
+        values, taken = (x,) if isinstance(x, torch.Tensor) else tuple(x), exit_index
         for i, stage in enumerate(runner.stages):
             if len(taken) == 0:
                 break
-            work.append((stage, values, runner.heads[i] if i < k else None))
+            head = (runner.heads[i], runner._head_inputs[i]) if i < k else None
+            work.append((stage, values, head))
             values = stage(*values)
             keep = taken > i
             values, taken = tuple(v[keep] for v in values), taken[keep]
@@ -82,7 +86,7 @@ def ideal(runner: bx.ExitRunner, x: torch.Tensor, exit_index: torch.Tensor) -> C
         for stage, inputs, head in work:
             out = stage(*inputs)
             if head is not None:
-                head(out[0])
+                head[0](*out[:head[1]])
 
     return run
 

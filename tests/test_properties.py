@@ -31,15 +31,7 @@ from branchify.criteria import get_criterion
 from branchify.distiller import spec_from_args
 from branchify.routing import route
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: on a few shared cores, a thread pool's synchronisation costs several
-    # times the work itself (measured: 3.6x slower with 2 threads than with 1).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 EXAMPLES = [pytest.param(300, id="300"), pytest.param(2000, id="2000", marks=pytest.mark.slow)]

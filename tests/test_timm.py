@@ -110,14 +110,7 @@ FEATURE_INFO_NAMES = {"twins_svt_small": {"blocks.0": "block.0", "blocks.1": "bl
 KNOWN_FAILURES: dict[str, tuple[type[Exception], str]] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small inputs: on a few shared cores, a 2-thread pool's synchronisation costs more than the work
-    # (measured: efficientnet_b0's check takes 2.2 s with 1 thread, 9-12 s with 2 while another job runs).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs (tests/conftest.py)
 
 
 def _params():

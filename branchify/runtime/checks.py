@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._propagate import describe_inputs
@@ -10,18 +12,19 @@ from ..errors import BranchifyError
 __all__ = ["check_inputs"]
 
 
-def check_inputs(inputs: tuple, *, count: int | None, names: list[str] | None, dtype: torch.dtype | None,
-                 device: torch.device | None, since: str = "") -> None:
+def check_inputs(inputs: tuple, *, count: int | None, names: Callable[[], list[str]] | None,
+                 dtype: torch.dtype | None, device: torch.device | None, since: Callable[[], str]) -> None:
     """Refuse inputs the runner cannot take, naming what it takes (``count`` tensors, or the graph's inputs
-    ``names``; None on the hook path) and, in ``since``, what it has run on."""
+    ``names()``; None on the hook path) and, in ``since()``, what it has run on. The two describe the
+    refusal only, so they are called only to word it: this runs on every call of the runner."""
     tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
     if (count is not None and len(inputs) != count) or not tensors or not all(
             a.ndim > 0 and a.shape[0] == tensors[0].shape[0] for a in tensors):
         wanted = (f"{count} input tensor(s)" if count is not None else "the model's inputs" if names is None
-                  else f"the model's inputs ({', '.join(names)})")
+                  else f"the model's inputs ({', '.join(names())})")
         raise BranchifyError(
             f"ExitRunner takes {wanted}, each tensor with the same batch dim, like the model's forward; got "
-            f"{describe_inputs(inputs) or 'nothing'}{since}")
+            f"{describe_inputs(inputs) or 'nothing'}{since()}")
     x = next((a for a in tensors if a.is_floating_point()), tensors[0])
     if (dtype is not None and x.is_floating_point() and x.dtype != dtype) or (
             device is not None and x.device != device):

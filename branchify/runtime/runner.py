@@ -157,9 +157,9 @@ class ExitRunner:
         return next(a for a in inputs if isinstance(a, torch.Tensor))
 
     def _check(self, inputs: tuple) -> None:
-        names = None if self._hooks or not self.stages else self._input_names()
+        names = None if self._hooks or not self.stages else self._input_names
         check_inputs(inputs, count=self._num_inputs, names=names, dtype=self._dtype, device=self._device,
-                     since=self._macs.since())
+                     since=self._macs.since)
 
     def _costs(self, inputs: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
         x = self._batch_input(inputs)
