@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 
 import branchify as bx
 
@@ -97,6 +100,9 @@ def worker(rank: int, port: int, directory: str, kind: str) -> None:
     try:
         if kind.startswith("stats"):
             stats_worker(rank, directory, kind)
+            return
+        if kind in SHARDED:
+            SHARDED[kind](rank, directory)
             return
         x, y = data()
         half = GLOBAL_BATCH // WORLD
@@ -303,3 +309,189 @@ def test_merged_statistics_equal_one_pass_over_all_the_data():
     with pytest.raises(bx.BranchifyError, match="needs torch.distributed initialised"):
         stats_of(batches, "routed").all_reduce()
 
+
+
+# Calibration and the sweep under torch.distributed: each rank's loader holds a DistributedSampler
+# shard; every rank must get the result of one process iterating the whole dataset in order.
+CAL_SAMPLES = 61  # odd: DistributedSampler repeats one sample to give both ranks 31
+CAL_SPEC = bx.ExitSpec(exits=[bx.ExitPoint(layer="stem"), bx.ExitPoint(layer="block")], criterion="confidence")
+
+
+def cal_data() -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(5)
+    return torch.utils.data.TensorDataset(torch.randn(CAL_SAMPLES, *X_SHAPE, generator=generator),
+                                          torch.randint(0, CLASSES, (CAL_SAMPLES,), generator=generator))
+
+
+def cal_module() -> bx.ExitModule:
+    torch.manual_seed(3)
+    return bx.attach_exits(ResidualNet(), CAL_SPEC, torch.zeros(1, *X_SHAPE)).eval()
+
+
+def calibrations(module, loader) -> dict:
+    """Every calibration figure that should not depend on how the data was spread over ranks."""
+    out = {}
+    for name, kwargs in {"guarantee": {"max_accuracy_drop": 0.2}, "plain": {"max_accuracy_drop": 0.05,
+                                                                          "guarantee": False},
+                         "budget": {"mac_budget": 0.7, "guarantee": False}}.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too few samples for a certificate is fine: the figures must agree
+            cal = bx.calibrate(module, loader, progress=False, **kwargs)
+        out[name] = {"thresholds": [p.threshold for p in cal.spec.exits], "accuracy": cal.accuracy,
+                     "shares": cal.shares, "mac_fraction": cal.mac_fraction, "samples": cal.samples, "met": cal.met,
+                     "drop_bound": cal.bounds.drop, "evaluated": cal.evaluate(module, loader, progress=False).accuracy}
+    return out
+
+
+def sharded_loader(data, rank: int, *, batch_size: int, shuffle: bool, drop_last: bool = False):
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=shuffle, seed=11, drop_last=drop_last)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
+
+
+def calibrate_worker(rank: int, directory: str) -> None:
+    data, module = cal_data(), cal_module()
+    result = calibrations(module, sharded_loader(data, rank, batch_size=8, shuffle=True))
+    # Without a sampler, ranks holding different samples are refused on every rank (none waits forever).
+    mine = torch.utils.data.Subset(data, range(rank, CAL_SAMPLES, WORLD))
+    try:
+        bx.calibrate(module, torch.utils.data.DataLoader(mine, batch_size=8), max_accuracy_drop=0.1, progress=False)
+        result["refused"] = None
+    except bx.BranchifyError as err:
+        result["refused"] = str(err)
+    # Some ranks with a sampler and others without: refused on every rank too.
+    mixed = sharded_loader(data, rank, batch_size=8, shuffle=False) if rank == 0 else \
+        torch.utils.data.DataLoader(data, batch_size=8)
+    try:
+        bx.calibrate(module, mixed, max_accuracy_drop=0.1, progress=False)
+        result["mixed"] = None
+    except bx.BranchifyError as err:
+        result["mixed"] = str(err)
+    # drop_last=True leaves a sample out: said, not hidden.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cal = bx.calibrate(module, sharded_loader(data, rank, batch_size=8, shuffle=False, drop_last=True),
+                           max_accuracy_drop=0.1, guarantee=False, progress=False)
+    result["drop_last"] = [cal.samples, [str(w.message) for w in caught if "covers" in str(w.message)]]
+    Path(directory, f"calibrate{rank}.json").write_text(json.dumps(result))
+
+
+SWEEP_SAMPLES = 64
+SWEEP_RANK_BATCH = 8
+
+
+def sweep_data() -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(SWEEP_SAMPLES + CAL_SAMPLES, *X_SHAPE, generator=generator)
+    y = torch.randint(0, CLASSES, (SWEEP_SAMPLES + CAL_SAMPLES,), generator=generator)
+    dataset = torch.utils.data.TensorDataset
+    return dataset(x[:SWEEP_SAMPLES], y[:SWEEP_SAMPLES]), dataset(x[SWEEP_SAMPLES:], y[SWEEP_SAMPLES:])
+
+
+def sweeps(train_loader, val_loader) -> dict:
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = bx.sweep(ResidualNet(), train_loader, val_loader, candidates=["stem", "block"], epochs=2,
+                          max_exits=2, max_accuracy_drop=0.1, progress=False)
+    return {"table": [[r.layer, r.accuracy] for r in result.table], "samples": result.samples,
+            "best": [[p.layer, p.threshold] for p in result.best.spec.exits], "mac_fraction": result.best.mac_fraction,
+            "heads": {layer: {k: v.tolist() for k, v in state.items()}
+                      for layer, state in result.head_state_dicts.items()}}
+
+
+def sweep_worker(rank: int, directory: str) -> None:
+    train_data, val_data = sweep_data()
+    # shuffle=False: rank r holds samples r, r + 2, ..., so each step's two rank batches together are the
+    # one-process loader's batch of 2 * SWEEP_RANK_BATCH consecutive samples.
+    result = sweeps(sharded_loader(train_data, rank, batch_size=SWEEP_RANK_BATCH, shuffle=False),
+                    sharded_loader(val_data, rank, batch_size=8, shuffle=True))
+    Path(directory, f"sweep{rank}.json").write_text(json.dumps(result))
+
+
+SHARDED = {"calibrate": calibrate_worker, "sweep": sweep_worker}
+
+
+def assert_close_figures(got, want, what: str = "") -> None:
+    """Counts and flags exactly; floats (thresholds, weights) within float32 rounding of summation order."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), what
+        for key in want:
+            assert_close_figures(got[key], want[key], f"{what}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), what
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close_figures(a, b, f"{what}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), what
+    else:
+        assert got == want, what
+
+
+def test_calibration_over_sharded_loaders_equals_one_process_over_the_whole_data(tmp_path):
+    run_workers(tmp_path, "calibrate")
+    data, module = cal_data(), cal_module()
+    whole = json.loads(json.dumps(calibrations(module, torch.utils.data.DataLoader(data, batch_size=8))))
+    ranks = [json.loads((tmp_path / f"calibrate{rank}.json").read_text()) for rank in range(WORLD)]
+    assert ranks[0] == ranks[1]  # every rank the same result, exactly
+    for name in whole:
+        assert ranks[0][name]["samples"] == CAL_SAMPLES  # the sampler's repeated sample counted once
+        assert_close_figures(ranks[0][name], whole[name], name)
+    assert any(t is not None for t in whole["plain"]["thresholds"]), "no exit on: the comparison would be weak"
+    samples, said = ranks[0]["drop_last"]
+    assert samples == CAL_SAMPLES - 1 and len(said) == 1
+    # The messages docs/errors.md lists under torch.distributed, each said on every rank.
+    section = (ROOT / "docs" / "errors.md").read_text().split("## Under torch.distributed")[1]
+    fragments = re.findall(r"^\*\*Message:\*\* `([^`]+)`$", section, re.M)
+    assert len(fragments) == 3
+    for rank in ranks:
+        messages = [rank["refused"], rank["mixed"], *rank["drop_last"][1]]
+        for fragment in fragments:
+            assert any(m is not None and fragment in m for m in messages), fragment
+
+
+def test_sweep_over_sharded_loaders_equals_one_process_over_the_whole_data(tmp_path):
+    run_workers(tmp_path, "sweep")
+    train_data, val_data = sweep_data()
+    whole = json.loads(json.dumps(sweeps(torch.utils.data.DataLoader(train_data, batch_size=WORLD * SWEEP_RANK_BATCH),
+                                         torch.utils.data.DataLoader(val_data, batch_size=8))))
+    ranks = [json.loads((tmp_path / f"sweep{rank}.json").read_text()) for rank in range(WORLD)]
+    assert ranks[0] == ranks[1]  # DDP keeps the heads identical, and the search is the same on every rank
+    assert ranks[0]["samples"] == CAL_SAMPLES
+    assert_close_figures(ranks[0], whole)
+
+
+def test_the_torchrun_evaluation_example_gives_every_rank_the_one_process_figures(tmp_path):
+    import torchvision
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(ROOT / "examples" / "ddp_evaluate.py"), "--samples", "101"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=2 * JOIN_TIMEOUT, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {}
+    for line in result.stdout.splitlines():
+        rank, said = re.match(r"rank (\d) (.*)", line).groups()
+        lines.setdefault(said, set()).add(rank)
+    assert len(lines) == 3 and all(ranks == {"0", "1"} for ranks in lines.values()), lines  # the same on both
+
+    # One process over the whole data, built as the script builds it.
+    torch.manual_seed(0)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1"), bx.ExitPoint(layer="layer2")])
+    module = bx.attach_exits(torchvision.models.resnet18(num_classes=10), spec, torch.zeros(1, 3, 32, 32)).eval()
+    generator = torch.Generator().manual_seed(1)
+    val = torch.utils.data.TensorDataset(torch.randn(101, 3, 32, 32, generator=generator),
+                                         torch.randint(0, 10, (101,), generator=generator))
+    loader = torch.utils.data.DataLoader(val, batch_size=32)
+    stats = bx.ExitStats(module.exit_spec, mode="forced")
+    with torch.no_grad():
+        for x, y in loader:
+            stats.update(module(x), y)
+    want = [f"{row.accuracy['top1']:.1f}" for row in stats.summary().exits]
+    assert f"forced top-1 per exit {want} over 101 samples" in lines
+    cal = bx.calibrate(module, loader, max_accuracy_drop=0.5, guarantee=False, progress=False)
+    said = next(s for s in lines if s.startswith("calibrated"))
+    got = [None if t == "None" else float(t) for t in re.search(r"\[(.*)\]", said)[1].split(", ")]
+    want = [p.threshold for p in cal.spec.exits]
+    assert [t is None for t in got] == [t is None for t in want]
+    assert [t for t in got if t is not None] == pytest.approx([t for t in want if t is not None], rel=1e-4)
+    assert f"on 101 samples, MACs {cal.mac_fraction:.4f}" in said

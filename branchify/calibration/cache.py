@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._distributed import combine
 from .._inputs import split_batch
 from .._outputs import split_outputs
 from .._trace import eval_mode
@@ -61,9 +62,14 @@ def collect_logits(module: nn.Module, loader: Iterable, *, progress: bool = True
                     store.append(logits.detach().float().cpu())
                 finals.append(final.detach().float().cpu())
                 targets.append(target.detach().cpu().reshape(-1))
-    if example is None:
+    local = None if example is None else [*(torch.cat(e) for e in exits), torch.cat(finals), torch.cat(targets)]
+    if local is not None and local[-1].shape[0] != local[-2].shape[0]:
+        raise BranchifyError(f"{local[-1].shape[0]} targets for {local[-2].shape[0]} samples; give one per sample")
+    # Under torch.distributed every rank takes part, so even a rank whose shard is empty gets the whole data.
+    whole, example = combine(local, example, loader, desc.split(":")[0])
+    if whole is None:
         raise BranchifyError("the loader yielded no batches; pass a loader over at least one labelled batch")
-    cached = Cached([torch.cat(e) for e in exits], torch.cat(finals), torch.cat(targets), example)
+    cached = Cached(whole[:k], whole[k], whole[k + 1], example)
     _check_targets(cached)
     return cached
 
