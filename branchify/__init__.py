@@ -22,6 +22,7 @@ from .runtime import ExitResult, ExitRunner
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .stats import ExitStats, ExitStatsSummary
 from .surgery import ExitModule, attach_exits
+from .training import FitEpoch, FitHistory, FitStep, fit
 
 __all__ = [
     "BranchifyError",
@@ -36,6 +37,9 @@ __all__ = [
     "ExitSpec",
     "ExitStats",
     "ExitStatsSummary",
+    "FitEpoch",
+    "FitHistory",
+    "FitStep",
     "HeadSpec",
     "Layout",
     "SpecError",
@@ -43,6 +47,7 @@ __all__ = [
     "attach_exits",
     "calibrate",
     "exit_costs",
+    "fit",
     "freeze_backbone",
     "list_exit_points",
     "load",

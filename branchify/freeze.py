@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -78,12 +80,32 @@ def unfreeze_backbone(module: nn.Module) -> nn.Module:
     True
     """
     for owner in _backbone_modules(module):
-        for name, requires_grad in vars(owner).pop(_REQUIRES, {}).items():
-            owner._parameters[name].requires_grad_(requires_grad)
-        if _WANTED in vars(owner):
-            del owner.train
-            owner.training = vars(owner).pop(_WANTED)
+        _unfreeze(owner)
     return module
+
+
+@contextlib.contextmanager
+def frozen_backbone(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with the backbone frozen as ``freeze_backbone`` freezes it, then leave it as it was.
+
+    Only what the block froze is unfrozen: a backbone the caller had frozen stays frozen.
+    """
+    already = {id(m) for m in _backbone_modules(module) if _REQUIRES in vars(m) or _WANTED in vars(m)}
+    freeze_backbone(module)
+    try:
+        yield module
+    finally:
+        for owner in _backbone_modules(module):
+            if id(owner) not in already:
+                _unfreeze(owner)
+
+
+def _unfreeze(owner: nn.Module) -> None:
+    for name, requires_grad in vars(owner).pop(_REQUIRES, {}).items():
+        owner._parameters[name].requires_grad_(requires_grad)
+    if _WANTED in vars(owner):
+        del owner.train
+        owner.training = vars(owner).pop(_WANTED)
 
 
 def _backbone_modules(module: nn.Module) -> list[nn.Module]:
