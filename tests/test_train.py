@@ -97,7 +97,7 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(branchify.distiller.data, "make_loaders", forbidden)
     monkeypatch.setattr(train, "attach_exits", forbidden)
-    monkeypatch.setattr(train, "train_epoch", forbidden)
+    monkeypatch.setattr(train, "fit", forbidden)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -165,3 +165,16 @@ def test_non_numeric_threshold_is_a_usage_error(capsys):
         flags.parse_args(["--arch=resnet20_cifar", "--earlyexit_thresholds", "x", "--dataset", "digits"])
     assert exited.value.code == 2
     assert "argument --earlyexit_thresholds: 'x' is not a number" in capsys.readouterr().err
+
+
+def test_print_freq_prints_distillers_line_within_the_epoch(tmp_path, capsys):
+    argv = ["--arch", "resnet20_cifar", "--exit-layers", "layer1", "--earlyexit_lossweights", "0.3", "-p", "1",
+            "--out-dir", str(tmp_path), "-n", "p", "--dataset", "digits", "--epochs=2", "--limit-batches", "2",
+            "-b", "8"]
+    assert train.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch: [")]
+    assert [line[:17] for line in lines] == ["Epoch: [0][    1/", "Epoch: [0][    2/", "Epoch: [1][    1/",
+                                             "Epoch: [1][    2/"]
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert [(epoch["epoch"], epoch["step"], epoch["samples"]) for epoch in summary["training"]] == [(0, 2, 16),
+                                                                                                    (1, 2, 16)]

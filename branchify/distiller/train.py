@@ -4,7 +4,7 @@ Distiller trained hand-edited ``*_earlyexit`` copies of its models with ``compre
 This trainer takes the same command line (``--arch``, ``--epochs``, ``-b``, ``--lr``, ``-j``,
 ``--out-dir``, ``-n``, ``--earlyexit_thresholds``, ``--earlyexit_lossweights`` and the dataset
 directory), attaches the exits to the plain model where Distiller had them (or at ``--exit-layers``),
-trains with Distiller's loss and SGD, prints Distiller's training columns per epoch and its
+trains with Distiller's loss and SGD (through ``bx.fit``), prints Distiller's training columns per epoch and its
 validation report (plus the MACs), and writes the checkpoint and the spec.
 
 Two things differ on purpose. The exit criterion is the entropy of each exit's softmax by default,
@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +33,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .._outputs import final_logits
 from ..checkpoint import save
 from ..commands.common import limit_batches, resolve_device, run_command
 from ..cost import ExitCosts, exit_costs
-from ..errors import BranchifyError
 from ..loss import EarlyExitLoss
 from ..spec import ExitSpec
 from ..stats import ExitStats
 from ..surgery import attach_exits
+from ..training import FitEpoch, FitStep, fit
 from .flags import CHECKPOINT, PROG, SPEC, SUMMARY, _dataset, _workers, exit_spec_from_args, parse_args
 from .models import get_model
 
-__all__ = ["EpochLog", "evaluate", "main", "run", "train_epoch"]
+__all__ = ["EpochLog", "evaluate", "main", "run"]
 
 
 # --- training and validation -------------------------------------------------------------------
@@ -99,51 +97,42 @@ def _disable(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
-def _detached(outputs: Sequence) -> tuple:
-    *exits, final = outputs
-    return (*(z.detach() for z in exits), final_logits(final).detach())
+class _DistillerLog:
+    """Distiller's training figures, gathered from ``bx.fit``'s steps: the ``on_step`` hook of ``run``.
 
-
-def train_epoch(module: nn.Module, loader: Iterable, loss_fn: EarlyExitLoss, optimizer: torch.optim.Optimizer, *,
-                epoch: int, epochs: int, device: torch.device | str = "cpu", print_freq: int | None = None,
-                progress: bool | None = None) -> EpochLog:
-    """Train ``module`` (from ``bx.attach_exits``) for one pass over ``loader``; return Distiller's figures.
-
-    Each step runs every exit, takes ``loss_fn`` (``bx.EarlyExitLoss``) and an optimizer step; every
-    exit's top-1/top-5 is measured on every sample (``ExitStats`` in forced mode). With
-    ``print_freq`` the line is also printed every ``print_freq`` steps. ``progress=None`` shows a
-    tqdm bar on terminals only.
+    Per epoch: the mean loss per sample, every exit's top-1/top-5 on the training batches (``ExitStats``
+    in forced mode, on the outputs each step computed), the learning rate of the first step and the
+    mean seconds per step. With ``print_freq`` the line is also printed every ``print_freq`` steps.
     """
-    stats = ExitStats(module.exit_spec, mode="forced")
-    module.train()
-    steps = len(loader)  # type: ignore[arg-type]
-    total, samples, start = 0.0, 0, time.perf_counter()
-    lr = float(optimizer.param_groups[0]["lr"])
 
-    def log(step: int) -> EpochLog:
-        rows = stats.summary().exits
-        return EpochLog(epoch=epoch, step=step, steps=steps, samples=samples, loss=total / samples,
-                        accuracy=[dict(row.accuracy or {}) for row in rows], lr=lr,
-                        batch_time=(time.perf_counter() - start) / step)
+    def __init__(self, spec: ExitSpec, *, print_freq: int | None = None) -> None:
+        self.spec = spec
+        self.print_freq = print_freq
+        self.history: list[EpochLog] = []
 
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=_disable(progress), leave=False)
-    step = 0
-    for step, (inputs, target) in enumerate(bar, start=1):
-        inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        outputs = module(inputs)
-        loss = loss_fn(outputs, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            stats.update(_detached(outputs), target)
-        total += float(loss.detach()) * len(target)
-        samples += len(target)
-        if print_freq and step % print_freq == 0 and step < steps:
-            tqdm.write(log(step).line())
-    if not step:
-        raise BranchifyError("the training loader yielded no batches; give a dataset with training samples")
-    return log(step)
+    def step(self, step: FitStep) -> None:
+        if step.step == 1:
+            self._stats = ExitStats(self.spec, mode="forced")
+            self._total, self._samples, self._lr = 0.0, 0, step.lr
+        self._stats.update(step.outputs, step.target)
+        self._total += float(step.loss) * len(step.target)
+        self._samples += len(step.target)
+        self._last = step
+        if self.print_freq and step.step % self.print_freq == 0 and (step.steps is None or step.step < step.steps):
+            tqdm.write(self.log().line())
+
+    def log(self) -> EpochLog:
+        """The figures so far in the current epoch."""
+        step = self._last
+        rows = self._stats.summary().exits
+        return EpochLog(epoch=step.epoch, step=step.step, steps=step.steps or step.step, samples=self._samples,
+                        loss=self._total / self._samples, accuracy=[dict(row.accuracy or {}) for row in rows],
+                        lr=self._lr, batch_time=step.seconds / step.step)
+
+    def epoch_end(self, epoch: FitEpoch) -> None:
+        log = self.log()
+        print(log.line(), flush=True)
+        self.history.append(log)
 
 
 def evaluate(module: nn.Module, loader: Iterable, *, spec: ExitSpec | None = None, costs: ExitCosts | None = None,
@@ -214,12 +203,9 @@ def run(args: argparse.Namespace) -> Path:
     print(f"Training epoch: {used} samples ({args.batch_size} per mini-batch), loss weights "
           f"{loss_fn.weights} + final {loss_fn.final_weight:g}, SGD lr={args.lr:g} momentum={args.momentum:g} "
           f"weight_decay={args.weight_decay:g}")
-    history = []
-    for epoch in range(args.epochs):
-        log = train_epoch(module, train_loader, loss_fn, optimizer, epoch=epoch, epochs=args.epochs, device=device,
-                          print_freq=args.print_freq)
-        print(log.line(), flush=True)
-        history.append(log)
+    log = _DistillerLog(module.exit_spec, print_freq=args.print_freq)
+    fit(module, train_loader, epochs=args.epochs, loss=loss_fn, optimizer=optimizer, on_step=log.step,
+        on_epoch_end=log.epoch_end, progress=sys.stderr.isatty())
 
     stats = evaluate(module, val_loader, costs=costs, device=device)
     summary = stats.summary()
@@ -238,7 +224,7 @@ def run(args: argparse.Namespace) -> Path:
         "num_classes": loaders.num_classes,
         "input_size": list(example.shape[1:]),
         "args": vars(args),
-        "training": [dataclasses.asdict(log) for log in history],
+        "training": [dataclasses.asdict(epoch) for epoch in log.history],
         "validation": summary.to_dict(),
         "files": {"checkpoint": CHECKPOINT, "spec": SPEC},
     }
