@@ -18,7 +18,7 @@ import torch
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
 
-__all__ = ["ExitRule", "Judge", "exit_rules", "first_exit", "route"]
+__all__ = ["ExitRule", "Judge", "agreeing_run", "exit_rules", "first_exit", "route"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,19 @@ def exit_rules(spec, *, deployed: bool = False) -> list[ExitRule | None]:
     return rules
 
 
+def agreeing_run(prediction: torch.Tensor, previous: torch.Tensor | None = None,
+                 run: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's run of consecutive judged exits predicting the same class, ending at the exit that predicts
+    ``prediction`` (``previous`` and ``run``: the last judged exit's; None at the first judged exit).
+
+    >>> agreeing_run(torch.tensor([3, 1]), torch.tensor([3, 2]), torch.tensor([2, 4])).tolist()
+    [3, 1]
+    """
+    if previous is None:
+        return torch.ones_like(prediction)
+    return torch.where(prediction == previous, run + 1, 1)
+
+
 class Judge:
     """Judges a batch exit by exit, in order; the per-sample memory across exits travels with it.
 
@@ -86,10 +99,7 @@ class Judge:
         streak = None
         if self._remembers:
             prediction = logits.argmax(dim=-1)
-            if self._prediction is None:
-                streak = torch.ones_like(prediction)
-            else:
-                streak = torch.where(prediction == self._prediction, self._streak + 1, 1)
+            streak = agreeing_run(prediction, self._prediction, self._streak)
             self._prediction, self._streak = prediction, streak
         return rule.fires(logits, self.target, streak)
 

@@ -26,6 +26,7 @@ from .carried import check_carried
 from .checks import check_inputs
 from .hooked import route_hooks
 from .macs import MacTable
+from .onnx_export import export_onnx
 from .result import ExitResult
 from .staged import route_stages
 
@@ -246,6 +247,32 @@ class ExitRunner:
         True
         """
         return load_runner(cls, directory)
+
+    def export_onnx(self, path: str | os.PathLike,
+                    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None, *,
+                    opset: int | None = None) -> Path:
+        """Write one ONNX model that routes each sample itself, as the runner does; returns the path.
+
+        Its inputs are the model's, batch dim dynamic; its outputs ``logits`` ``(B, C)`` and ``exit_index``
+        ``(B,)`` int64, in batch order. Each stage runs only on the samples that reach it (nested ``If`` nodes),
+        and the thresholds are initializers named ``exit_{i}_threshold`` (temperatures ``exit_{i}_temperature``),
+        which can be edited in the file. ``example_inputs`` fix the non-batch dims (default: zeros shaped like
+        the first input seen); ``opset`` defaults to torch.onnx's (at least 18). Needs ``branchify[onnx]``.
+
+        >>> import tempfile, onnxruntime, torch, branchify as bx
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(1),
+        ...                             torch.nn.Linear(8 * 14 * 14, 10))
+        >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=2.2716)])
+        >>> runner = bx.ExitRunner(bx.attach_exits(model, spec, torch.randn(1, 3, 16, 16)))
+        >>> x = torch.randn(6, 3, 16, 16)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     session = onnxruntime.InferenceSession(str(runner.export_onnx(f"{tmp}/model.onnx", x[:1])))
+        >>> logits, exit_index = session.run(None, {"input": x.numpy()})
+        >>> exit_index.tolist(), runner(x).exit_index.tolist(), logits.shape
+        ([1, 0, 0, 1, 0, 1], [1, 0, 0, 1, 0, 1], (6, 10))
+        """
+        return export_onnx(self, path, example_inputs, opset=opset)
 
     def __repr__(self) -> str:
         exits = ", ".join(f"{p.layer}: off" if r is None else f"{p.layer}: {self._spec.criterion_of(i)} {r.threshold:g}"
