@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BranchifyError", "SpecError"]
+__all__ = ["BranchifyError", "ExitOrderError", "SpecError"]
 
 
 class BranchifyError(ValueError):
@@ -34,3 +34,12 @@ class SpecError(BranchifyError):
     def __init__(self, message: str, errors: list | None = None) -> None:
         super().__init__(message)
         self.errors = list(errors or [])
+
+
+class ExitOrderError(BranchifyError):
+    """A spec that lists its exits in another order than the model runs them; ``graph_order`` is the order
+    that works (the spec's layer names, as the model reaches them)."""
+
+    def __init__(self, message: str, graph_order: list[str]) -> None:
+        super().__init__(message)
+        self.graph_order = list(graph_order)

@@ -180,9 +180,9 @@ def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: Inputs, *,
         if point.layer not in points_by_path:
             raise BranchifyError(f"exit {index} (layer {point.layer!r}): the module did not run in the eval forward "
                                  "of example_inputs, or did not return a tensor")
-    order = sorted(range(len(spec.exits)), key=lambda i: points_by_path[spec.exits[i].layer].order)
+    spec.check_order([points_by_path[p.layer].order for p in spec.exits], "the order the forward calls them")
     heads, points, ordered = [], [], []
-    for index in order:
+    for index in range(len(spec.exits)):
         point = spec.exits[index]
         what = f"exit {index} (layer {point.layer!r})"
         facts = points_by_path[point.layer]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from .criteria import get_criterion
-from .errors import BranchifyError, SpecError
+from .errors import BranchifyError, ExitOrderError, SpecError
 from .heads import SHARED_FIELDS, head_kind, registered_heads
 from .layout import Layout
 
@@ -250,6 +252,45 @@ class ExitSpec(_SpecModel):
             # plain dicts, validated once below: model_copy(update=...) would skip validation
             exits = [{**point, field: value} for point, value in zip(exits, values)]
         return type(self).model_validate({**self.model_dump(), "exits": exits})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the spec to ``path`` as JSON (readable and editable by hand); returns the path.
+
+        >>> import tempfile, branchify as bx
+        >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1", threshold=0.5)])
+        >>> bx.ExitSpec.load(spec.save(tempfile.mkdtemp() + "/spec.json")) == spec
+        True
+        """
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.model_dump_json(indent=2, exclude_defaults=True) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ExitSpec:
+        """Read a spec written by ``spec.save`` (or by hand: ``{"exits": [{"layer": "layer1"}]}``)."""
+        file = Path(path)
+        if not file.is_file():
+            raise BranchifyError(f"no spec file at {str(file)!r}; write one with spec.save(path)")
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise BranchifyError(f"cannot read the spec file {str(file)!r} ({err})") from None
+        try:
+            return cls.model_validate_json(text)
+        except SpecError as err:
+            raise SpecError(f"{str(file)!r}: {err}", err.errors) from None
+
+    def check_order(self, ranks: Sequence[int], runs: str) -> None:
+        """Refuse exits listed in another order than the model reaches them (``ranks``: each exit's place in
+        ``runs``, e.g. "graph order"): the outputs come back in the spec's order, so none may be moved."""
+        order = sorted(range(len(self.exits)), key=lambda i: ranks[i])
+        if order != list(range(len(self.exits))):
+            graph = [self.exits[i].layer for i in order]
+            raise ExitOrderError(
+                f"the spec lists its exits as {self.layers}, but the model reaches them in the order {graph} "
+                f"({runs}); list the exits in that order, so that the outputs come back in the order you declared",
+                graph)
 
     def check_replaces(self, built: ExitSpec) -> ExitSpec:
         """This spec, if it can stand in for ``built`` on an existing module (same layers and heads).

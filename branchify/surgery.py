@@ -9,6 +9,7 @@ freeze (auxiliary outputs, mode-dependent branches) follows the mode as in the o
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -24,7 +25,7 @@ from .exits import HEAD, HEAD_INPUT_COPY, HEADS, ExitPointInfo, Exits
 from .heads import build_head, masked
 from .layout import Layout, choose_layout
 from .points import Analysis
-from .spec import ExitSpec, spec_attribute
+from .spec import ExitPoint, ExitSpec, spec_attribute
 
 __all__ = ["ExitModule", "attach_exits"]
 
@@ -138,14 +139,21 @@ def _has_attr(module: nn.Module, target: str) -> bool:
         return False
 
 
-def _as_spec(spec) -> ExitSpec:
+def as_spec(spec) -> ExitSpec:
+    """An ``ExitSpec`` from what ``attach_exits`` takes: a spec, a dict of one, a spec file's path, or a list of
+    layer names (exits with default heads)."""
     if isinstance(spec, ExitSpec):
         return spec
     if isinstance(spec, Mapping):
         return ExitSpec.model_validate(spec)
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and (spec.endswith(".json") or os.path.isfile(spec))):
+        return ExitSpec.load(spec)
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(name, str) for name in spec):
+        return ExitSpec(exits=[ExitPoint(layer=name) for name in spec])
+    hint = f"; for one exit at {spec!r} pass [{spec!r}]" if isinstance(spec, str) else ""
     raise BranchifyError(
-        f"spec must be a bx.ExitSpec (or a dict of one), got {type(spec).__name__}; "
-        "e.g. bx.ExitSpec(exits=[bx.ExitPoint(layer='layer1')])")
+        f"spec must be a bx.ExitSpec, a dict of one, a spec file (.json) or a list of layer names, got "
+        f"{type(spec).__name__}{hint}; e.g. bx.ExitSpec(exits=[bx.ExitPoint(layer='layer1')]) or ['layer1', 'layer2']")
 
 
 def _num_classes(output) -> int:
@@ -170,17 +178,18 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     with fake tensors over ``example_inputs`` (a tensor, a tuple of tensors, or a dict of named tensors
     such as a tokenizer's output; any batch size: nothing is computed).
 
-    The result's forward returns ``(exit_0, ..., exit_{k-1}, final)``, exits in graph order whatever
-    order the spec lists them, and ``final`` is the original model's logits, bit for bit: its output
-    itself, or the ``"logits"`` entry of a dict or ``ModelOutput``; ``output=`` names another entry (a
-    key or a position). A module captured from named inputs is called as ``module(batch)`` or
+    ``spec`` is a ``bx.ExitSpec`` (or a dict of one, the path of a file ``spec.save`` wrote, or a list of
+    layer names for exits with default heads). Exits are listed in the order the model reaches them (a
+    spec in another order is refused with the order that works). The result's forward returns
+    ``(exit_0, ..., exit_{k-1}, final)`` in that order, and ``final`` is the original model's logits,
+    bit for bit: its output itself, or the ``"logits"`` entry of a dict or ``ModelOutput``; ``output=``
+    names another entry (a key or a position). A module captured from named inputs is called as ``module(batch)`` or
     ``module(**batch)``. ``model`` is not modified; the result shares its parameters.
     ``leaf_modules`` are module types torch.fx does not trace through.
 
     >>> import torch, torchvision, branchify as bx
     >>> model = torchvision.models.resnet18().eval()
-    >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer2"), bx.ExitPoint(layer="layer1")])
-    >>> module = bx.attach_exits(model, spec, torch.randn(1, 3, 64, 64)).eval()
+    >>> module = bx.attach_exits(model, ["layer1", "layer2"], torch.randn(1, 3, 64, 64)).eval()
     >>> x = torch.randn(2, 3, 64, 64)
     >>> outputs = module(x)
     >>> [tuple(o.shape) for o in outputs]
@@ -188,7 +197,7 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     >>> module.exit_spec.layers, torch.equal(outputs[-1], model(x)), module.exit_path
     (['layer1', 'layer2'], True, 'fx')
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     inputs = Inputs.of(example_inputs)
     inputs.check_batch("attach_exits")
     traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
@@ -200,7 +209,7 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
                 f"{type(model).__name__} cannot be captured as a graph ({traced}); attaching exits with forward hooks "
                 "instead. Exits must then name modules, and the runtime cannot drop samples inside the forward",
                 stacklevel=2)
-        return attach_exits_with_hooks(model, spec, inputs, reason=traced, output=output)
+        return _recorded(attach_exits_with_hooks(model, spec, inputs, reason=traced, output=output), inputs)
     analysis = Analysis(traced, inputs)
     num_classes = _num_classes(analysis.output)
 
@@ -216,7 +225,7 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
         if train_node in train_outputs or not any(train_node in ancestors(o) for o in train_outputs):
             raise BranchifyError(f"{what}: in train mode the layer does not feed the output; pick an earlier layer")
         anchors.append((node, train_node, index))
-    anchors.sort(key=lambda a: analysis.order[a[0].name])
+    spec.check_order([analysis.order[node.name] for node, _, _ in anchors], "graph order")
     for (a, _, i), (b, _, j) in zip(anchors, anchors[1:]):
         if a is b:
             raise BranchifyError(
@@ -267,9 +276,16 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
         for node in graph.nodes:
             if node.op in ("get_attr", "call_module") and node.target not in root:
                 root[node.target] = traced.attr(node.target, training)
-    return ExitModule(root, graphs, exit_spec=exit_spec, exit_points=points, num_classes=num_classes,
-                      training=model.training, exit_path=traced.path,
-                      keyword_inputs=bool(inputs.kwargs) and not inputs.args)
+    return _recorded(ExitModule(root, graphs, exit_spec=exit_spec, exit_points=points, num_classes=num_classes,
+                                training=model.training, exit_path=traced.path,
+                                keyword_inputs=bool(inputs.kwargs) and not inputs.args), inputs)
+
+
+def _recorded(module: nn.Module, inputs: Inputs) -> nn.Module:
+    """``module`` remembering what its example inputs looked like (one sample), so that ``bx.save`` can record
+    it and ``bx.load`` rebuild the module without being given an example."""
+    module.example_record = inputs.record()
+    return module
 
 
 def _attention_mask(analysis: Analysis) -> str | None:

@@ -49,10 +49,12 @@ def test_distiller_cifar_pool_head_is_inferred_exactly():
     assert module.exit_heads[0][-1].in_features == 1600 and module.exit_heads[0][-1].out_features == 10
 
 
-def test_exits_come_in_graph_order_with_the_spec_reordered():
+def test_exits_out_of_graph_order_are_refused_not_reordered():
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer3", threshold=0.3),
                               bx.ExitPoint(layer="layer1.0.conv2", threshold=0.1)])
-    module = bx.attach_exits(resnet18(), spec, X32)
+    with pytest.raises(bx.BranchifyError, match=r"in the order \['layer1.0.conv2', 'layer3'\]"):
+        bx.attach_exits(resnet18(), spec, X32)
+    module = bx.attach_exits(resnet18(), spec.model_copy(update={"exits": spec.exits[::-1]}), X32)
     assert module.exit_spec.layers == ["layer1.0.conv2", "layer3"]
     assert module.exit_spec.thresholds == [0.1, 0.3]
     assert [p.shape for p in module.exit_points] == [(64, 8, 8), (256, 2, 2)]
@@ -311,7 +313,7 @@ class Branchy(nn.Module):
 
 def test_untraceable_model_falls_back_to_hooks_and_says_so():
     model = Branchy().eval()
-    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="block"), bx.ExitPoint(layer="stem")])
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="stem"), bx.ExitPoint(layer="block")])
     with pytest.warns(UserWarning, match="Branchy cannot be captured as a graph.*torch.fx.*torch.export.*hooks"):
         module = bx.attach_exits(model, spec, X32)
     assert module.exit_path == "hooks"

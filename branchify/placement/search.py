@@ -34,7 +34,7 @@ from ..calibration.grid import default_grid_size, select
 from ..calibration.search import calibrate_cached
 from ..cost import exit_costs
 from ..criteria import get_criterion
-from ..errors import BranchifyError
+from ..errors import BranchifyError, ExitOrderError
 from ..points import list_exit_points
 from ..spec import ExitPoint, ExitSpec, HeadSpec
 from ..surgery import attach_exits
@@ -118,7 +118,11 @@ def sweep(model: nn.Module, train_loader: Iterable, val_loader: Iterable, *, exa
                 raise BranchifyError(f"candidates must be a non-empty list of layer names, got {candidates!r}")
             candidates = list(candidates)
         spec = ExitSpec(exits=[ExitPoint(layer=c, head=head) for c in candidates], criterion=criterion)
-        module = attach_exits(model, spec, example_inputs, **captured)
+        try:
+            module = attach_exits(model, spec, example_inputs, **captured)
+        except ExitOrderError as err:  # candidates are a set to search: any order the user lists them in will do
+            spec = ExitSpec(exits=[ExitPoint(layer=c, head=head) for c in err.graph_order], criterion=criterion)
+            module = attach_exits(model, spec, example_inputs, **captured)
         train_heads(module, train_loader, epochs=epochs, lr=lr, progress=progress)
 
     cached = collect_logits(module, val_loader, progress=progress, desc="sweep: caching val logits")
