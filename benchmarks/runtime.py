@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 
@@ -38,14 +37,10 @@ import torchvision
 
 import branchify as bx
 from branchify.criteria import get_criterion
+from branchify.runtime.benchmark import interleaved
 
 LAYERS = ["layer1", "layer2", "layer3"]
 SHARES = [0.5, 0.25, 0.125]  # of the whole batch, leaving at exits 0, 1, 2; the rest goes to the end
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def set_thresholds(module: bx.ExitModule, x: torch.Tensor) -> None:
@@ -120,26 +115,9 @@ def timed(units: list[dict[str, Callable[[], object]]], repeats: int,
     """Median and best over repeats of each variant's total seconds over ``units`` (one per sample at batch 1).
 
     The variants run back to back on each unit, in an order that rotates every repeat, so that the
-    load of a shared machine, which drifts, falls on all of them alike.
+    load of a shared machine, which drifts, falls on all of them alike (``bx.benchmark``'s timing loop).
     """
-    names = list(units[0])
-    totals: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for unit in units:  # warm-up
-            for fn in unit.values():
-                fn()
-        for r in range(repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
-            spent = dict.fromkeys(names, 0.0)
-            for unit in units:
-                for name in order:
-                    sync(device)
-                    start = time.perf_counter()
-                    unit[name]()
-                    sync(device)
-                    spent[name] += time.perf_counter() - start
-            for name in names:
-                totals[name].append(spent[name])
+    totals = interleaved(units, repeats, device)
     return ({name: statistics.median(t) for name, t in totals.items()},
             {name: min(t) for name, t in totals.items()})
 

@@ -19,12 +19,15 @@ from .loss import EarlyExitLoss
 from .placement import SweepResult, sweep
 from .points import ExitPointInfo, list_exit_points
 from .runtime import ExitResult, ExitRunner
+from .runtime.benchmark import BenchmarkResult, BenchmarkRow, benchmark
 from .spec import ExitPoint, ExitSpec, HeadSpec
 from .stats import ExitStats, ExitStatsSummary
 from .surgery import ExitModule, attach_exits
 from .training import FitEpoch, FitHistory, FitStep, fit
 
 __all__ = [
+    "BenchmarkResult",
+    "BenchmarkRow",
     "BranchifyError",
     "Calibration",
     "EarlyExitLoss",
@@ -45,6 +48,7 @@ __all__ = [
     "SpecError",
     "SweepResult",
     "attach_exits",
+    "benchmark",
     "calibrate",
     "exit_costs",
     "fit",
