@@ -16,8 +16,8 @@ import torch
 import torchvision
 
 import branchify as bx
-from branchify.commands.demo import seconds
 from branchify.distiller.data import make_loaders
+from branchify.runtime.benchmark import interleaved
 
 
 def main() -> None:
@@ -46,12 +46,7 @@ def main() -> None:
         return [runner(x) for x in batches]
 
     runs = {"original": original, "multi-output module": multi_output, "ExitRunner": routed}
-    for fn in runs.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(seconds(fn))
+    times = interleaved([runs], args.repeats)  # after a warm-up, in an order that rotates every repeat
     med = {name: statistics.median(values) for name, values in times.items()}
     results = routed()
     taken = torch.cat([r.exit_index for r in results]).bincount(minlength=3)

@@ -144,7 +144,8 @@ class FitHistory:
 
     def _headline(self) -> str:
         samples = self.epochs[-1].samples if self.epochs else 0
-        return f"FitHistory({self.mode}, {len(self.epochs)} epochs, {samples} training samples per epoch)"
+        epochs = f"{len(self.epochs)} epoch{'' if len(self.epochs) == 1 else 's'}"
+        return f"FitHistory({self.mode}, {epochs}, {samples} training samples per epoch)"
 
     def __repr__(self) -> str:
         return "\n".join([self._headline(), text_table(self._header(), self._rows())])

@@ -3,13 +3,14 @@
 ``make demo`` runs this on scikit-learn's bundled digits (real 8x8 scans of handwritten digits,
 resized to 32x32 with three channels) with an unmodified torchvision ResNet-18:
 
-1. train the backbone and two exits jointly with Distiller's loss (weights from the spec);
+1. train the backbone and two exits jointly with ``bx.fit`` (Distiller's loss, weights from the
+   spec; SGD with a one-cycle schedule), with each exit's validation top-1 after every epoch;
 2. print Distiller's validation report with hand-picked thresholds, and the MAC cost lines;
 3. calibrate the thresholds on the validation split for at most TARGET_DROP of accuracy drop, with
    the default guarantee (it holds on new data with probability 90%), and check on the test split:
    the final exit's own test accuracy, the drop measured there, and the target;
-4. run ``ExitRunner`` on the held-out test split, timing it against the original model in the
-   same run, and print the measured speedup, the MAC saving and the share leaving at each exit;
+4. run ``ExitRunner`` on the held-out test split, print the share leaving at each exit and the
+   MAC saving, and time it against the original model with ``bx.benchmark`` (batch 1 and 64);
 5. write the spec, a checkpoint and two plots to ``runs/demo/``: accuracy against MACs on the test
    split, each point calibrated on the validation split for a MAC budget (never on test).
 
@@ -19,15 +20,11 @@ resized to 32x32 with three channels) with an unmodified torchvision ResNet-18:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torchvision
-from tqdm import tqdm
 
 import branchify as bx
 from branchify.calibration.cache import collect_logits
@@ -42,6 +39,7 @@ HAND_THRESHOLDS = (0.5, 0.5)  # what a Distiller user would type before calibrat
 # delta 0.1, i.e. 598 for 1 point, 298 for 2 points; digits has 359.
 TARGET_DROP = 0.02
 BUDGETS = (0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BATCH_SIZES = (1, 64)  # timed: one sample at a time, and the training batch
 
 
 def build(seed: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
@@ -53,27 +51,11 @@ def build(seed: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     return model, bx.attach_exits(model, spec, example), example
 
 
-def train(module: torch.nn.Module, loaders, epochs: int, lr: float, progress: bool) -> None:
-    loss_fn = bx.EarlyExitLoss(module.exit_spec)
+def train(module: torch.nn.Module, loaders, epochs: int, lr: float, progress: bool) -> bx.FitHistory:
     optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loaders.train))
-    for epoch in range(epochs):
-        module.train()
-        for images, labels in tqdm(loaders.train, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                                   disable=not progress):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(module(images), labels)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        forced = bx.ExitStats(module.exit_spec, mode="forced")
-        module.eval()
-        with torch.no_grad():
-            for images, labels in loaders.val:
-                forced.update(module(images), labels)
-        rows = forced.summary().exits
-        tops = "  ".join(f"{row.layer} top1 {row.accuracy['top1']:6.2f}" for row in rows)
-        print(f"epoch {epoch + 1:2d}/{epochs}  loss {loss.item():.3f}  val (every sample forced out): {tops}")
+    return bx.fit(module, loaders.train, epochs=epochs, val_loader=loaders.val, optimizer=optimizer,
+                  on_step=lambda step: scheduler.step(), progress=progress)
 
 
 def routed_report(module: torch.nn.Module, loader, costs: bx.ExitCosts) -> bx.ExitStatsSummary:
@@ -84,31 +66,6 @@ def routed_report(module: torch.nn.Module, loader, costs: bx.ExitCosts) -> bx.Ex
             stats.update(module(images), labels)
     stats.report()
     return stats.summary()
-
-
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def measure(model: torch.nn.Module, runner: bx.ExitRunner, batches: list[torch.Tensor], repeats: int):
-    """Time the original model and the runner over the same batches, interleaved in one run."""
-    model.eval()
-
-    def original():
-        with torch.inference_mode():
-            return [model(x) for x in batches]
-
-    def routed():
-        return [runner(x) for x in batches]
-
-    original(), routed()  # warm-up: first-call allocations and lazy initialisation
-    t_original, t_runner = [], []
-    for _ in range(repeats):  # interleaved so that machine noise hits both alike
-        t_original.append(seconds(original))
-        t_runner.append(seconds(routed))
-    return statistics.median(t_original), statistics.median(t_runner)
 
 
 def plot(path: Path, frontier: list[tuple[float, float]], chosen: bx.Calibration, final_accuracy: float,
@@ -166,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
 
     loaders = make_loaders("digits", batch_size=args.batch_size, seed=args.seed)
-    model, module, example = build(args.seed)
+    _, module, example = build(args.seed)
     print(f"ResNet-18 on digits (32x32): {len(loaders.train.dataset)} train / {len(loaders.val.dataset)} val / "
           f"{len(loaders.test.dataset)} test images; exits after {', '.join(EXIT_LAYERS)}")
     for point in module.exit_points:
@@ -174,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n1. Training backbone and exits jointly (Distiller's loss, weights "
           f"{list(LOSS_WEIGHTS)} + final {module.exit_spec.final_weight:.1f})")
-    train(module, loaders, args.epochs, args.lr, progress)
+    print(train(module, loaders, args.epochs, args.lr, progress))
+    print("   (val top-1: every validation sample forced out at that exit)")
 
     costs = bx.exit_costs(module, example)
     print(f"\n2. Distiller's validation report on the test split, hand-picked entropy thresholds "
@@ -207,14 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     correct = torch.cat([r.logits.argmax(1) for r in results]) == torch.cat(labels)
     shares = (taken.bincount(minlength=len(EXIT_LAYERS) + 1).double() / len(taken)).tolist()
     mean_macs = torch.cat([r.macs for r in results]).mean().item()
-    t_original, t_runner = measure(model, runner, list(batches), args.repeats)
     print(f"   accuracy {100 * correct.double().mean():.2f}% (routed statistics said {summary.totals['top1']:.2f}%)")
     print("   share leaving at each exit: " + ", ".join(
         f"{name} {100 * s:.1f}%" for name, s in zip([*EXIT_LAYERS, "final"], shares)))
     print(f"   MACs per sample {mean_macs / 1e6:.2f} M vs {costs.original / 1e6:.2f} M for the original: "
           f"{100 * (1 - mean_macs / costs.original):.1f}% saved")
-    print(f"   wall time over the test split (median of {args.repeats}): original {1e3 * t_original:.1f} ms, "
-          f"ExitRunner {1e3 * t_runner:.1f} ms: speedup {t_original / t_runner:.2f}x")
+    print(f"   timed against the original model on the test split, {args.repeats} interleaved repeats:")
+    print(bx.benchmark(runner, loaders.test, batch_sizes=BATCH_SIZES, repeats=args.repeats))
 
     args.out.mkdir(parents=True, exist_ok=True)
     spec_path = args.out / "spec.json"
