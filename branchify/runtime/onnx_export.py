@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import io
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class _PieceModule(nn.Module):
         self.tensor_at = [isinstance(v, torch.Tensor) for v in inputs]
         self.constants = [None if t else v for t, v in zip(self.tensor_at, inputs)]
         self.remembers, self.judged_before = remembers, judged_before
+        self.training = False  # not self.eval(): a loaded runner's programs refuse train(), and they are in eval
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(args)
@@ -140,23 +142,42 @@ def _describe(runner, i: int) -> str:
     return f"stage {i} (the last, up to the final classifier)"
 
 
+def _exporter_summary(err: Exception) -> str:
+    """torch.onnx's error in one line: what failed (its first sentence) and the exception under it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0].split(" This is step")[0].rstrip(". ") if lines else type(err).__name__
+    if "## Exception summary" in lines:
+        cause = lines[lines.index("## Exception summary") + 1]
+        cause = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>", r"\1", cause)
+        first = f"{first}: {cause[:300]}"
+    return f"{type(err).__name__}: {first}"
+
+
 def _export(module: nn.Module, inputs: tuple, dynamic: tuple, names: list[str], opset: int | None, what: str):
+    """``module`` as an ONNX model: captured by ``torch.export`` (so that nothing falls back to a trace that would
+    bake data-dependent values in as constants), then translated by ``torch.onnx``."""
+    way_out = ("the runner still runs it in torch. A criterion's score function must be torch operations that "
+               "torch.export can trace; for a stage, move the exit to another layer, or report the model to "
+               "torch.export / torch.onnx with the traceback of the cause")
+    try:
+        program = torch.export.export(module, inputs, dynamic_shapes=(dynamic,))
+    except Exception as err:
+        raise BranchifyError(f"torch.export could not capture {what} for ONNX ({_exporter_summary(err)}); "
+                             f"{way_out}") from err
     try:
         # torch.onnx prints its progress; the model is what matters here, the exporter's own log is not
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             # one Dim for every batch dim: torch.onnx says it names them after one of them, which is the point
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
-            program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=(dynamic,), input_names=names,
-                                        opset_version=opset, verbose=False, report=False)
+            onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=names, opset_version=opset,
+                                             verbose=False, report=False)
     except Exception as err:
-        summary = next((line for line in str(err).splitlines() if line.strip()), "")
-        raise BranchifyError(
-            f"torch.onnx could not export {what} ({type(err).__name__}: {summary}); the runner still runs it in "
-            "torch. Move the exit to another layer, or report the model to torch.onnx with the traceback below"
-        ) from err
-    if program is None:
-        raise BranchifyError(f"torch.onnx returned no program for {what}")
-    return program.model_proto
+        raise BranchifyError(f"torch.onnx could not translate {what} to ONNX ({_exporter_summary(err)}); "
+                             f"{way_out}") from err
+    if onnx_program is None:
+        raise BranchifyError(f"internal: torch.onnx returned no program for {what}")
+    return onnx_program.model_proto
 
 
 def _stage_inputs(runner, example_inputs) -> tuple:
@@ -315,7 +336,7 @@ class _Composer:
 
     def _add(self, branch: _Branch, op: str, inputs: list[str], hint: str, **attrs) -> str:
         out = self.name(hint)
-        branch.nodes.append(self.helper.make_node(op, inputs, [out], **attrs))
+        branch.nodes.append(self.helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
     def _constant(self, value, dtype: str, hint: str) -> str:
@@ -391,7 +412,8 @@ class _Composer:
         graphs = [helper.make_graph(b.nodes, f"{hint}_{label}", [], self._outputs(outs), value_info=b.value_info)
                   for label, b, outs in (("then", then, then_outs), ("else", otherwise, else_names))]
         results = [self.name("logits"), self.name("exit_index")]
-        branch.nodes.append(helper.make_node("If", [cond], results, then_branch=graphs[0], else_branch=graphs[1]))
+        branch.nodes.append(helper.make_node("If", [cond], results, name=self.name(hint), then_branch=graphs[0],
+                                             else_branch=graphs[1]))
         return results
 
     def _outputs(self, names: list[str]) -> list:
