@@ -76,6 +76,16 @@ def retuned(model: onnx.ModelProto, thresholds: list[float | None]) -> onnx.Mode
     return model
 
 
+def weight_names(graph: onnx.GraphProto) -> set[str]:
+    """The initializers of ``graph`` and of its subgraphs (the If branches hold each stage's weights)."""
+    names = {i.name for i in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= weight_names(attr.g)
+    return names
+
+
 def run(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     logits, exit_index = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
@@ -200,6 +210,16 @@ def test_the_inputs_and_outputs_are_named_and_the_batch_is_dynamic(exported):
         ("logits", ["batch", 10], "tensor(float)"), ("exit_index", ["batch"], "tensor(int64)")]
 
 
+def test_thresholds_are_top_level_float32_scalars_and_the_weights_sit_in_the_branches(exported):
+    module, _, model, _, _ = exported("resnet18")
+    top = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for i in range(2):
+        assert top[f"exit_{i}_threshold"].dtype == np.float32 and top[f"exit_{i}_threshold"].shape == ()
+        assert top[f"exit_{i}_temperature"] == np.float32(1.0)
+    assert not any(name.startswith("p") for name in top)  # each stage's weights are in the If branch that runs it
+    assert any(name.startswith("p2/") for name in weight_names(model.graph))
+
+
 def _nodes_run(model: onnx.ModelProto, x: torch.Tensor, tmp_path: Path) -> set[str]:
     """The pieces (``p{i}``: stage i and its head) of which onnxruntime's profiler saw at least one node run."""
     options = ort.SessionOptions()
@@ -315,7 +335,9 @@ def test_every_label_free_criterion_with_temperatures_and_an_exit_that_is_off(tm
     names = {i.name for i in model.graph.initializer}
     assert {"exit_0_threshold", "exit_0_temperature", "exit_2_threshold", "exit_3_threshold"} <= names
     assert not any(n.startswith("exit_1_") for n in names)
-    assert not any(n.startswith("p1/head") for n in names)  # the off exit's head is not in the file
+    weights = weight_names(model.graph)
+    assert any(n.startswith("p0/head") for n in weights)
+    assert not any(n.startswith("p1/head") for n in weights)  # the off exit's head is not in the file
     temperature = next(i for i in model.graph.initializer if i.name == "exit_2_temperature")
     assert onnx.numpy_helper.to_array(temperature) == np.float32(0.5)
     seen = set()

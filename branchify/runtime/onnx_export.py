@@ -10,8 +10,10 @@ the then-branch of an ``If`` on "does any sample go on", whose else-branch retur
 are. A stage nobody reaches does no work, and an exit that is off is passed by (no head, no If).
 
 Thresholds (and temperatures) are top-level initializers named ``exit_{i}_threshold`` and
-``exit_{i}_temperature``, float32 scalars, so a deployment can re-tune them in the file. Every other
-initializer is moved to the top-level graph too; the branches read them from the outer scope.
+``exit_{i}_temperature``, float32 scalars, so a deployment can re-tune them in the file; the branches read
+them from the outer scope. Each piece's weights stay in the branch that holds its nodes: onnxruntime's
+NCHWc layout transformer only rewrites convolutions whose weights are initializers of their own graph, and
+weights read from the outer scope made resnet50 1.65x slower (``benchmarks/onnx.py`` measures both).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -291,10 +293,11 @@ def _prefix_dims(graph, prefix: str) -> None:
 
 @dataclass
 class _Branch:
-    """The nodes of one graph being built (the top level or an If's branch) and what they say of their values."""
+    """One graph being built (an If's branch): its nodes, their weights, and what they say of their values."""
 
-    nodes: list
-    value_info: list
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    value_info: list = field(default_factory=list)
 
 
 class _Composer:
@@ -316,13 +319,11 @@ class _Composer:
         self.logits_type = self.graphs[-1].output[0].type.tensor_type.elem_type
 
     def _take(self, piece: Piece):
-        """The piece's graph with every name prefixed; its initializers and functions move to the model."""
+        """The piece's graph with every name prefixed; its functions move to the model."""
         onnx = self.onnx
         model = onnx.compose.add_prefix(piece.model, f"p{piece.index}/")
         graph = model.graph
         _prefix_dims(graph, f"p{piece.index}_")
-        self.initializers.extend(graph.initializer)
-        del graph.initializer[:]
         for function in model.functions:
             self.functions[(function.domain, function.name, getattr(function, "overload", ""))] = function
         for entry in model.opset_import:
@@ -363,6 +364,7 @@ class _Composer:
         mapping.update(zip(ins[piece.carried_in:], feeds))
         _rename_uses(graph, mapping)
         branch.nodes.extend(graph.node)
+        branch.initializers.extend(graph.initializer)
         branch.value_info.extend(graph.value_info)
         return [mapping.get(v.name, v.name) for v in graph.output]  # an output may be one of the inputs
 
@@ -370,7 +372,7 @@ class _Composer:
                memory: tuple[str, str] | None) -> tuple[_Branch, list[str]]:
         """The nodes that run stage ``i`` onward on the samples still going (their tensors ``values``, their
         batch positions ``where``), and the names of the finished ``(logits, exit_index)``."""
-        branch = _Branch([], [])
+        branch = _Branch()
         axis0, axis1 = self._constant([0], "int64", "axis_0"), self._constant([1], "int64", "axis_1")
         while True:
             piece = self.pieces[i]
@@ -407,9 +409,10 @@ class _Composer:
             hint: str) -> list[str]:
         """``If(cond)``: the then-branch runs ``then``; the else-branch returns ``else_outs`` unchanged."""
         helper = self.helper
-        otherwise = _Branch([], [])
+        otherwise = _Branch()
         else_names = [self._add(otherwise, "Identity", [name], "unchanged") for name in else_outs]
-        graphs = [helper.make_graph(b.nodes, f"{hint}_{label}", [], self._outputs(outs), value_info=b.value_info)
+        graphs = [helper.make_graph(b.nodes, f"{hint}_{label}", [], self._outputs(outs), initializer=b.initializers,
+                                    value_info=b.value_info)
                   for label, b, outs in (("then", then, then_outs), ("else", otherwise, else_names))]
         results = [self.name("logits"), self.name("exit_index")]
         branch.nodes.append(helper.make_node("If", [cond], results, name=self.name(hint), then_branch=graphs[0],
@@ -435,7 +438,7 @@ class _Composer:
                 if not rule.criterion.across_exits:
                     self.initializers.append(onnx.numpy_helper.from_array(
                         np.asarray(rule.temperature, dtype=np.float32), temperature_name(i)))
-        top = _Branch([], [])
+        top = _Branch()
         size = self._add(top, "Shape", [input_names[0]], "batch", start=0, end=1)
         batch = self._add(top, "Squeeze", [size, self._constant([0], "int64", "axis_0")], "batch")
         shape = self._add(top, "Concat", [size, self._constant([self.num_classes], "int64", "classes")], "shape",
@@ -466,6 +469,15 @@ def _input_names(runner, values: tuple) -> list[str]:
     return [name for name, v in zip(names, values) if isinstance(v, torch.Tensor)]
 
 
+def _weight_bytes(graph) -> int:
+    """The bytes of ``graph``'s initializers and of those of its subgraphs."""
+    total = sum(len(t.raw_data) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            total += sum(_weight_bytes(g) for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+    return total
+
+
 def export_onnx(runner, path: str | os.PathLike, example_inputs=None, *, opset: int | None = None) -> Path:
     """Write ``runner`` as one ONNX model that routes each sample itself (see ``ExitRunner.export_onnx``)."""
     values = _prepare(runner, example_inputs, opset)
@@ -474,7 +486,7 @@ def export_onnx(runner, path: str | os.PathLike, example_inputs=None, *, opset: 
     model = _Composer(pieces, runner.num_classes).compose(_input_names(runner, values), runner._rules)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = sum(len(t.raw_data) for t in model.graph.initializer) >= _TWO_GB - (64 << 20)
+    large = _weight_bytes(model.graph) >= _TWO_GB - (64 << 20)
     try:
         if large:  # a protobuf message cannot exceed 2 GB: the weights go beside the file
             onnx.save(model, path, save_as_external_data=True, location=path.name + ".data")
