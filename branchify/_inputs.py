@@ -96,6 +96,33 @@ class Inputs:
         parts = [_describe(a) for a in self.args] + [f"{k}={_describe(v)}" for k, v in self.kwargs.items()]
         return ", ".join(parts)
 
+    def record(self) -> dict | None:
+        """The shapes (batch 1) and dtypes of the tensors, and the other plain values, as JSON data; None when a
+        value is neither (it could not be rebuilt). ``Inputs.from_record`` rebuilds zeros of that kind."""
+        def one(v):
+            if isinstance(v, torch.Tensor):
+                return {"shape": [1, *v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
+            if v is None or isinstance(v, (bool, int, float, str)):
+                return {"value": v}
+            raise TypeError
+        try:
+            return {"args": [one(a) for a in self.args], "kwargs": {k: one(v) for k, v in self.kwargs.items()}}
+        except TypeError:
+            return None
+
+    @classmethod
+    def from_record(cls, record: dict) -> Inputs:
+        """Zeros shaped as ``record`` (from ``Inputs.record``) says: an example to rebuild a module on."""
+        def one(v):
+            if "shape" in v:
+                return torch.zeros(v["shape"], dtype=getattr(torch, v["dtype"]))
+            return v["value"]
+        try:
+            return cls(tuple(one(a) for a in record["args"]), {k: one(v) for k, v in record["kwargs"].items()})
+        except (KeyError, TypeError, AttributeError, RuntimeError) as err:
+            raise BranchifyError(f"the recorded example inputs {record!r} cannot be rebuilt ({err}); pass "
+                                 "example_inputs") from None
+
     def check_batch(self, what: str) -> int:
         """The batch size, refusing an empty batch (nothing to measure shapes or costs on)."""
         batch = self.batch

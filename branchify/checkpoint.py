@@ -25,6 +25,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import nn
 
+from ._inputs import Inputs
 from .errors import BranchifyError
 from .exits import HEADS, exit_module
 from .spec import ExitSpec
@@ -51,16 +52,20 @@ def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = 
     return sha.hexdigest()
 
 
-def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool = True) -> Path:
+def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool = True,
+         arch: str | None = None) -> Path:
     """Write ``module``'s spec and weights to a safetensors file at ``path``, atomically.
 
     ``include_backbone=False`` keeps only the exit heads (for a backbone you load elsewhere).
+    The file also records the shape and dtype of the example inputs the module was built on (one
+    sample), so ``bx.load`` needs no example, and ``arch``, the architecture's name when you give it
+    (``branchify report`` and ``branchify export`` then need no ``--arch``).
 
     >>> import tempfile, torch, torchvision, branchify as bx
     >>> model, x = torchvision.models.resnet18(), torch.randn(1, 3, 32, 32)
     >>> module = bx.attach_exits(model, bx.ExitSpec(exits=[{"layer": "layer2"}]), x)
     >>> path = bx.save(module, tempfile.mkdtemp() + "/exits.safetensors")
-    >>> again = bx.load(path, model, x)
+    >>> again = bx.load(path, model)  # the example's shape is in the file
     >>> all(torch.equal(a, b) for a, b in zip(again.eval()(x), module.eval()(x)))
     True
     """
@@ -85,6 +90,13 @@ def save(module: nn.Module, path: str | os.PathLike, *, include_backbone: bool =
         "num_classes": str(getattr(module, "num_classes", "")),
         "include_backbone": json.dumps(include_backbone),
     }
+    record = getattr(module, "example_record", None)
+    if record is not None:
+        metadata["example_inputs"] = json.dumps(record)
+    if arch is not None:
+        if not isinstance(arch, str) or not arch:
+            raise BranchifyError(f"arch must be the architecture's name (a non-empty str), got {arch!r}")
+        metadata["arch"] = arch
     metadata[_DIGEST] = _digest(tensors, metadata)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,13 +188,33 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[ExitSpec, dict[str, str], 
     return spec, metadata, tensors
 
 
-def load(path: str | os.PathLike, model: nn.Module, example_inputs, **attach_kwargs) -> nn.Module:
+def recorded_inputs(path: str | os.PathLike, metadata: dict[str, str]) -> Inputs:
+    """Zeros shaped like the example inputs a checkpoint was saved from."""
+    if "example_inputs" not in metadata:
+        raise BranchifyError(
+            f"{str(path)!r} does not record the example inputs it was built on (it was saved before checkpoints "
+            "recorded them, or from inputs that cannot be described); pass example_inputs, e.g. "
+            "torch.zeros(1, 3, 224, 224)")
+    try:
+        record = json.loads(metadata["example_inputs"])
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise BranchifyError(f"{str(path)!r}: its recorded example inputs are not readable; pass example_inputs")
+    return Inputs.from_record(record)
+
+
+def load(path: str | os.PathLike, model: nn.Module, example_inputs=None, **attach_kwargs) -> nn.Module:
     """Rebuild a module from the unmodified ``model`` and the checkpoint at ``path``.
 
+    ``example_inputs`` default to zeros shaped like the inputs the module was saved from (recorded in
+    the file); pass them for another input size, or for files saved before checkpoints recorded them.
     Every saved tensor's name and shape is checked against the rebuilt module, and every mismatch
     is reported at once; nothing is loaded unless all of them fit. See ``bx.save`` for an example.
     """
     spec, metadata, tensors = read_checkpoint(path)
+    if example_inputs is None:
+        example_inputs = recorded_inputs(path, metadata)
     module = attach_exits(model, spec, example_inputs, **attach_kwargs)
     if getattr(module, "exit_path", "fx") != metadata.get("exit_path", "fx"):
         raise BranchifyError(

@@ -33,7 +33,8 @@ class ExitPointInfo:
     ``name`` is what ``ExitPoint(layer=...)`` accepts; ``node`` the graph node it resolves to;
     ``shape`` the per-sample shape (no batch dim); ``layout`` None when the graph does not
     determine it; ``macs`` the per-sample MACs spent up to and including this point and
-    ``macs_fraction`` their share of the whole model's.
+    ``macs_fraction`` their share of the whole model's. ``aliases`` are other names for the same
+    point (the last block of a stage ends where the stage does: ``layer1.1`` is ``layer1``).
     """
 
     name: str
@@ -42,6 +43,7 @@ class ExitPointInfo:
     layout: Layout | None
     macs: float
     macs_fraction: float
+    aliases: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         layout = self.layout.value if self.layout else "?"

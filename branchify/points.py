@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 
 from torch import fx, nn
@@ -18,23 +19,43 @@ __all__ = ["ExitPointInfo", "ExitPoints", "list_exit_points"]
 
 
 class ExitPoints(list):
-    """The list ``list_exit_points`` returns; it prints (and renders in notebooks) as a table."""
+    """The list ``list_exit_points`` returns; it prints (and renders in notebooks) as a table, with a legend
+    for what needs one."""
 
-    _HEADER = ("name", "shape", "layout", "MMACs", "of model")
+    def _header(self) -> tuple[str, ...]:
+        return ("name", "shape", "layout", "MMACs", "of model", *(("also named",) if self._aliased() else ()))
+
+    def _aliased(self) -> bool:
+        return any(p.aliases for p in self)
 
     def _rows(self) -> list[tuple[str, ...]]:
-        return [(p.name, "x".join(map(str, p.shape)), p.layout.value if p.layout else "?",
-                 f"{p.macs / 1e6:.2f}", f"{p.macs_fraction:.1%}") for p in self]
+        also = self._aliased()
+        return [(p.name, "x".join(map(str, p.shape)), p.layout.value if p.layout else "?", f"{p.macs / 1e6:.2f}",
+                 f"{p.macs_fraction:.1%}", *((", ".join(p.aliases),) if also else ())) for p in self]
+
+    def legend(self) -> list[str]:
+        """The notes the table needs: what its columns mean and its marks say."""
+        notes = ["shape: per sample; MMACs: millions of multiply-accumulates from the input up to this point; "
+                 "of model: their share of the whole model's"]
+        if self._aliased():
+            notes.append("also named: other names for the same point (a stage's last block ends where the stage "
+                         "does); any of them works as ExitPoint(layer=...)")
+        if any(p.layout is None for p in self):
+            notes.append("?: the operations do not say which dim holds the channels; an exit there needs "
+                         "HeadSpec(layout=...), e.g. 'NCHW' or 'NLC'")
+        return notes
 
     def __repr__(self) -> str:
-        rows = [self._HEADER, *self._rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADER))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+        rows = [self._header(), *self._rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join([*table, *self.legend()])
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in self._HEADER)
+        head = "".join(f"<th>{h}</th>" for h in self._header())
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self._rows())
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        notes = "".join(f"<p><small>{html.escape(note)}</small></p>" for note in self.legend())
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"
 
 
 class Analysis:
@@ -151,14 +172,21 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
                 names.append((path, traced.resolve(path, False, what="list")))
             except BranchifyError:
                 continue  # a module that the eval forward never calls
-    seen: set[str] = set()
+    first: dict[str, str] = {}  # node -> the first name listed for it
+    aliases: dict[str, list[str]] = {}
     found = []
     for name, node in names:
-        if node.name in seen or analysis.problem(node) is not None:
+        if node.name in first:
+            if name != first[node.name]:
+                aliases[node.name].append(name)
             continue
-        seen.add(node.name)
-        found.append((analysis.order[node.name], analysis.info(name, node)))
-    return ExitPoints(info for _, info in sorted(found, key=lambda pair: pair[0]))
+        if analysis.problem(node) is not None:
+            continue
+        first[node.name] = name
+        aliases[node.name] = []
+        found.append((analysis.order[node.name], node.name, analysis.info(name, node)))
+    return ExitPoints(dataclasses.replace(info, aliases=tuple(aliases[node])) if aliases[node] else info
+                      for _, node, info in sorted(found, key=lambda item: item[0]))
 
 
 def _hook_exit_points(model: nn.Module, inputs: Inputs, output) -> ExitPoints:

@@ -107,7 +107,26 @@ class ExitStatsSummary:
             if self.expected_macs is not None:
                 lines.append(f"Expected MACs per sample: {self.expected_macs / _MEGA:.3f} MMACs")
                 lines.append(f"Saving vs the original model: {self.saving_percent:.3f}%")
+        lines += self.explanations()
         return lines
+
+    def explanations(self) -> list[str]:
+        """What Distiller's lines leave unexplained: an exit nobody took prints top1 = 0, and exits that let few
+        samples out cost more than they save."""
+        if self.mode != "routed":
+            return []
+        notes = []
+        idle = [r for r in self.exits if not r.taken]
+        if idle and self.totals is not None:
+            notes.append(f"Note: no sample left at exit{'s' if len(idle) > 1 else ''} "
+                         f"{', '.join(str(r.exit) for r in idle)}, so {'their' if len(idle) > 1 else 'its'} "
+                         "accuracy above reads 0 (Distiller's convention), not a measured 0%")
+        if self.saving_percent is not None and self.saving_percent < 0:
+            notes.append(f"Note: the saving is negative: every sample pays for the heads it is judged by "
+                         f"({self.expected_macs / _MEGA:.3f} MMACs expected against {self.original_macs / _MEGA:.3f} "
+                         "without exits), and too few leave early to make up for them; loosen the thresholds "
+                         "(bx.calibrate) or drop the exits nobody takes")
+        return notes
 
     def _topk_text(self, accuracy: dict[str, float] | None) -> str:
         return ", ".join(f"top{k} = {(accuracy or {}).get(f'top{k}', 0.0):.3f}" for k in self.topk)

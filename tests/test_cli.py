@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import branchify as bx
 from branchify.commands import cli
@@ -12,17 +13,21 @@ from branchify.distiller import train
 
 
 def rows_of(out: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    """The points table's rows by name (the lines under it, which explain it, left out)."""
+    rows = [line.split() for line in out.splitlines()[2:]]
+    return {row[0]: row for row in rows if len(row) >= 5 and row[4].endswith("%") and not row[0].endswith(":")}
 
 
 def test_points_lists_block_boundaries_with_shapes_and_macs(capsys):
     assert cli.main(["points", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "resnet18 at 3x224x224: 13 exit points"
-    assert out.splitlines()[1].split() == ["name", "shape", "layout", "MMACs", "of", "total"]
+    assert out.splitlines()[1].split() == ["name", "shape", "layout", "MMACs", "of", "model", "also", "named"]
     rows = rows_of(out)
     assert rows["layer1"][1:3] == ["64x56x56", "NCHW"] and rows["layer4"][1] == "512x7x7"
-    fractions = [float(row[-1].rstrip("%")) for row in rows.values()]
+    assert rows["layer1"][-1] == "layer1.1"  # the stage's last block is the same point
+    assert "MMACs: millions of multiply-accumulates" in out
+    fractions = [float(row[4].rstrip("%")) for row in rows.values()]
     assert fractions == sorted(fractions) and fractions[-1] == 100.0
 
 
@@ -95,7 +100,9 @@ def test_report_prints_distillers_lines_for_a_trainer_checkpoint(trained_run, ca
     assert report[3].startswith("Accuracy Stats for exit 0: top1 = ")
     assert report[4] == "Accuracy Stats for exit 1: top1 = 0.000, top5 = 0.000"
     assert report[5].startswith("Totals for entire network with early exits: top1 = ")
-    assert report[6].startswith("MACs at exit 0: ") and report[-1].startswith("Saving vs the original model: ")
+    assert report[6].startswith("MACs at exit 0: ") and report[-2].startswith("Saving vs the original model: ")
+    # Distiller's lines, then one explaining the zero of the exit nobody reached
+    assert report[-1].startswith("Note: no sample left at exit 1, so its accuracy above reads 0")
 
 
 def test_report_without_thresholds_is_forced(trained_run, capsys):
@@ -110,10 +117,9 @@ def test_report_without_thresholds_is_forced(trained_run, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["points", "resnet18x"], "branchify points: error: unknown arch 'resnet18x' (close names: resnet18"),
-    (["points", "resnet18", "--input-size", "1", "2", "3"], "--input-size takes a side, or a height and a width"),
     (["report", "/no/such.safetensors", "digits", "--arch", "resnet20_cifar"],
      "branchify report: error: no checkpoint at '/no/such.safetensors'"),
-    (["report", "/no/such.safetensors", "digits"], "pass --arch ARCH"),
+    (["report", "/no/such.safetensors", "digits"], "branchify report: error: no checkpoint at '/no/such.safetensors'"),
     (["sweep", "resnet20_cifar", "/no/such/folder"], "dataset path /no/such/folder does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
@@ -125,7 +131,7 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
 def test_report_rejects_the_wrong_arch_and_threshold_count(trained_run, capsys):
     checkpoint = str(trained_run / "checkpoint.safetensors")
     assert cli.main(["report", checkpoint, "digits", "--arch", "resnet32_cifar"]) == 2
-    assert "was trained as resnet20_cifar_earlyexit" in capsys.readouterr().err
+    assert "was saved as resnet20_cifar_earlyexit" in capsys.readouterr().err
     assert cli.main(["report", checkpoint, "digits", "--thresholds", "1", "2", "--limit-batches", "1"]) == 2
     assert "--thresholds has 2 value(s) [1.0, 2.0] but the checkpoint has 1 early exit(s)" in capsys.readouterr().err
 
@@ -139,3 +145,65 @@ def test_sweep_takes_the_backbone_from_a_trainer_checkpoint(trained_run, tmp_pat
     assert json.loads((tmp_path / "result.json").read_text())["candidates"][0]["layer"] == "layer1"
     assert cli.main([*argv, "--backbone-epochs", "1"]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prog, argv", [
+    ("points", ["points", "resnet18"]), ("sweep", ["sweep", "resnet18", "digits"]),
+    ("report", ["report", "x.safetensors", "digits"]), ("branchify-train", ["--arch", "resnet20_cifar", "digits"])])
+def test_every_command_takes_input_size_in_one_form(prog, argv):
+    """``--input-size H [W]`` everywhere: one side for square inputs, or a height and a width."""
+    from branchify.distiller import flags
+
+    parse = flags.build_parser().parse_args if prog == "branchify-train" else cli.build_parser().parse_args
+    assert parse([*argv, "--input-size", "48"]).input_size == (48, 48)
+    assert parse([*argv, "--input-size", "48", "64"]).input_size == (48, 64)
+    with pytest.raises(SystemExit):
+        parse([*argv, "--input-size", "1", "2", "3"])
+
+
+def test_too_many_input_sides_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["points", "resnet18", "--input-size", "1", "2", "3"])
+    assert exited.value.code == 2
+    assert "--input-size takes a side, or a height and a width, got 3 values 1 2 3" in capsys.readouterr().err
+
+
+def test_a_non_square_input_size_reaches_the_data(tmp_path, capsys):
+    """digits at 24x40 through the sweep: the data, the example and the checkpoint all have that shape."""
+    argv = ["sweep", "resnet20_cifar", "digits", "--epochs", "1", "--max-exits", "1", "--candidates", "layer1",
+            "-b", "16", "--limit-batches", "1", "--input-size", "24", "40", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    from branchify.distiller.models import get_model
+
+    module = bx.load(tmp_path / "checkpoint.safetensors", get_model("resnet20_cifar", 10))
+    assert module.example_record["args"][0]["shape"] == [1, 3, 24, 40]
+
+
+def test_report_needs_no_arch_for_a_checkpoint_that_records_it(tmp_path, capsys):
+    from branchify.distiller.models import get_model
+
+    model = get_model("resnet20_cifar", 10)
+    module = bx.attach_exits(model, ["layer1"], torch.zeros(1, 3, 32, 32))
+    plain = bx.save(module, tmp_path / "plain" / "exits.safetensors")
+    named = bx.save(module, tmp_path / "named" / "exits.safetensors", arch="resnet20_cifar")
+    assert cli.main(["report", str(plain), "digits", "--limit-batches", "1"]) == 2
+    assert "pass --arch ARCH" in capsys.readouterr().err
+    assert cli.main(["report", str(named), "digits", "--limit-batches", "1", "-b", "16"]) == 0
+    assert "resnet20_cifar, exits after layer1" in capsys.readouterr().out
+    assert cli.main(["report", str(named), "digits", "--arch", "resnet32_cifar"]) == 2
+    assert "was saved as resnet20_cifar; pass --arch resnet20_cifar" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """``branchify points resnet18 | head -3``: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    script = "from branchify.commands.cli import main; raise SystemExit(main(['points', 'resnet18']))"
+    points = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    points.stdout.close()  # the reader is gone before the table is written, as head's is once it has its lines
+    err = points.stderr.read()
+    points.wait(timeout=300)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()[-2000:]
+    assert points.returncode == 1

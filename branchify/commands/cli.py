@@ -9,7 +9,7 @@ the MACs. User errors print one line on stderr and exit with status 2. Training 
 
 >>> from branchify.commands.cli import build_parser
 >>> build_parser().parse_args(["points", "resnet18", "--input-size", "64"]).input_size
-[64]
+(64, 64)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import load, save
+from ..checkpoint import load, read_checkpoint, save
 from ..cost import exit_costs
 from ..criteria import registered_criteria
 from ..distiller.flags import SUMMARY, check_arch, default_input_size
@@ -38,6 +38,7 @@ from ..placement import sweep
 from ..points import list_exit_points
 from ..spec import ExitSpec
 from .common import (
+    add_input_size,
     fraction,
     limit_batches,
     non_negative_int,
@@ -55,16 +56,6 @@ RESULT = "result.json"
 PLOT = "sweep.png"
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        cells = [cell.rjust(w) if j in right else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(header), *(line(row) for row in rows)])
-
-
 def _common_data(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
     parser.add_argument("dataset", metavar="DATASET",
                         help="'digits' (offline, 32x32), a CIFAR-10 python folder, or an ImageFolder tree")
@@ -72,8 +63,7 @@ def _common_data(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
                         help=f"mini-batch size (default: {batch_size})")
     parser.add_argument("-j", "--workers", type=non_negative_int, default=0,
                         help="data loading processes (default: 0, load in this process)")
-    parser.add_argument("--input-size", type=positive_int, default=None,
-                        help="image side in pixels (default: 32 for digits and CIFAR-10, 224 for ImageFolder)")
+    add_input_size(parser, "32 for digits and CIFAR-10, 224 for ImageFolder")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the data split and of any training (default: the training run's, else 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -95,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "each point's name for --exit-layers / ExitPoint(layer=...), the activation's shape and layout "
                      "per sample, and the MACs spent up to it, in millions and as a share of the whole model."))
     points.add_argument("arch", metavar="ARCH", help="a torchvision classifier or a CIFAR ResNet (resnet20_cifar, ...)")
-    points.add_argument("--input-size", type=positive_int, nargs="+", metavar="SIDE",
-                        help="input height [and width] in pixels (default: 32 for CIFAR ResNets, 224 otherwise)")
+    add_input_size(points, "32 for CIFAR ResNets, 224 otherwise")
     points.add_argument("--all-nodes", action="store_true",
                         help="list every graph node, not just the block boundaries")
     points.add_argument("--num-classes", type=positive_int, default=None,
@@ -133,21 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report", help="print the statistics of a saved model (Distiller's report and the MACs)",
-        description=("Rebuild the model saved in CHECKPOINT (bx.save, branchify-train) on ARCH and print Distiller's "
-                     "report on a split of DATASET: per exit the samples taken, their share and accuracy, the totals, "
-                     "then the MACs of each exit, of the original model, expected per sample, and the saving. "
-                     "Without thresholds every exit is judged on every sample (forced mode)."))
+        description=("Rebuild the model saved in CHECKPOINT (bx.save, branchify-train) and print Distiller's report "
+                     "on a split of DATASET. With thresholds (saved, or --thresholds) each sample leaves at its first "
+                     "exit that fires (routed mode): per exit the samples taken, their share and their accuracy, the "
+                     "totals, then the MACs of each exit, of the original model, expected per sample, and the saving. "
+                     "Without thresholds nothing is routed (forced mode): every exit classifies every sample, and "
+                     "the report gives each exit's accuracy and loss over all of them, with no shares or saving."))
     report.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .safetensors file written by bx.save")
     _common_data(report, batch_size=128)
     report.add_argument("--arch", "-a", default=None,
-                        help=f"the architecture the checkpoint was trained on (default: from the {SUMMARY} that "
-                             "branchify-train wrote beside it)")
+                        help=f"the architecture the checkpoint was trained on (default: the one it records, else "
+                             f"the {SUMMARY} that branchify-train wrote beside it)")
     report.add_argument("--split", choices=["val", "test"], default="val",
                         help="which split to report on (default: val, as branchify-train does)")
     report.add_argument("--thresholds", type=float, nargs="+", metavar="T", default=None,
                         help="route by these thresholds instead of the saved ones, one per early exit")
     report.add_argument("--criterion", choices=registered_criteria(), default=None,
                         help="route by this criterion instead of the saved one")
+
+    export = commands.add_parser(
+        "export", help="write a saved model as one ONNX file that routes each sample to its exit",
+        description=("Rebuild the model saved in CHECKPOINT (bx.save, branchify-train) on ARCH and write it with "
+                     "ExitRunner.export_onnx: one ONNX model whose outputs are logits (batch, classes) and exit_index "
+                     "(batch,), each stage running only on the samples that reach it. Thresholds are initializers "
+                     "named exit_<i>_threshold, which a deployment can edit in the file. Needs branchify[onnx]."))
+    export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .safetensors file written by bx.save")
+    export.add_argument("--arch", "-a", required=True, help="the architecture the checkpoint was trained on")
+    export.add_argument("--onnx", type=Path, required=True, metavar="PATH", help="the ONNX file to write")
+    export.add_argument("--input-size", type=positive_int, nargs="+", metavar="SIDE",
+                        help="input height [and width] in pixels (default: the training run's, else 32 for CIFAR "
+                             "ResNets and 224 otherwise)")
+    export.add_argument("--thresholds", type=float, nargs="+", metavar="T", default=None,
+                        help="route by these thresholds instead of the saved ones, one per early exit")
+    export.add_argument("--criterion", choices=[c for c in registered_criteria() if c != "distiller"], default=None,
+                        help="route by this criterion instead of the saved one")
+    export.add_argument("--opset", type=positive_int, default=None,
+                        help="ONNX opset, at least 18 (default: torch.onnx's)")
     return parser
 
 
@@ -156,16 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _points(args: argparse.Namespace) -> None:
     check_arch(args.arch)
-    sizes = args.input_size or [default_input_size(args.arch)]
-    if len(sizes) > 2:
-        raise BranchifyError(f"--input-size takes a side, or a height and a width, got {len(sizes)} values {sizes}")
-    height, width = sizes[0], sizes[-1]
+    height, width = args.input_size or (default_input_size(args.arch),) * 2
     model = get_model(args.arch, args.num_classes).eval()
     found = list_exit_points(model, torch.zeros(1, 3, height, width), all_nodes=args.all_nodes)
-    rows = [[p.name, "x".join(map(str, p.shape)), p.layout.value if p.layout else "?", f"{p.macs / 1e6:.2f}",
-             f"{p.macs_fraction:.1%}"] for p in found]
     print(f"{args.arch} at 3x{height}x{width}: {len(found)} exit points")
-    print(_table(["name", "shape", "layout", "MMACs", "of total"], rows, right={3, 4}))
+    print(repr(found))
     base = args.arch.removesuffix("_earlyexit")
     if base in DISTILLER_EXITS:
         print(f"Distiller's exits for {base}: {', '.join(p.layer for p in DISTILLER_EXITS[base])}")
@@ -237,9 +242,8 @@ def _sweep(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     written = [result.to_json(out / RESULT), result.plot(out / PLOT)]
     module = result.attach(model.cpu(), example)
-    written.append(save(module, out / "checkpoint.safetensors"))
-    (out / "spec.json").write_text(module.exit_spec.model_dump_json(indent=2) + "\n")
-    written.append(out / "spec.json")
+    written.append(save(module, out / "checkpoint.safetensors", arch=args.arch))
+    written.append(module.exit_spec.save(out / "spec.json"))
     print(f"Saved {', '.join(map(str, written))}")
 
 
@@ -267,25 +271,48 @@ def _training_run(checkpoint: Path) -> dict:
     return record if isinstance(record, dict) and isinstance(record.get("args"), dict) else {}
 
 
-def _report(args: argparse.Namespace) -> None:
-    run = _training_run(args.checkpoint.expanduser())
-    trained = run.get("args", {})
-    if args.arch is None:
-        if "arch" not in run:
+def checkpoint_arch(checkpoint: Path, given: str | None) -> tuple[str, dict]:
+    """The architecture of ``checkpoint``: ``given`` (``--arch``), else the name the checkpoint records, else the one
+    branchify-train's summary beside it names; and that summary ({} without one). A ``given`` name that
+    contradicts the record is refused."""
+    run = _training_run(checkpoint)
+    _, metadata, _ = read_checkpoint(checkpoint)
+    recorded = metadata.get("arch") or run.get("arch")
+    if given is None:
+        if recorded is None:
             raise BranchifyError(
-                f"which architecture is {args.checkpoint}? No {SUMMARY} from branchify-train beside it names one; "
-                "pass --arch ARCH (the one it was trained with)")
-        args.arch = run["arch"]
-    elif "arch" in run and args.arch.removesuffix("_earlyexit") != str(run["arch"]).removesuffix("_earlyexit"):
-        raise BranchifyError(
-            f"--arch {args.arch} but {args.checkpoint} was trained as {run['arch']} (per the {SUMMARY} beside it); "
-            f"pass --arch {run['arch']}")
-    check_arch(args.arch)
+                f"which architecture is {checkpoint}? It records none (save with bx.save(module, path, arch=...)) "
+                f"and no {SUMMARY} from branchify-train beside it names one; pass --arch ARCH (the one it was "
+                "trained with)")
+        given = str(recorded)
+    elif recorded is not None and given.removesuffix("_earlyexit") != str(recorded).removesuffix("_earlyexit"):
+        raise BranchifyError(f"--arch {given} but {checkpoint} was saved as {recorded}; pass --arch {recorded}")
+    check_arch(given)
+    return given, run
+
+
+def _recorded_size(checkpoint: Path) -> tuple[int, int] | None:
+    """The image size the checkpoint's module was built on, when it records one image input."""
+    _, metadata, _ = read_checkpoint(checkpoint)
+    try:
+        args = json.loads(metadata["example_inputs"])["args"]
+        shape = args[0]["shape"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return (int(shape[-2]), int(shape[-1])) if len(args) == 1 and len(shape) == 4 else None
+
+
+def _report(args: argparse.Namespace) -> None:
+    checkpoint = args.checkpoint.expanduser()
+    args.arch, run = checkpoint_arch(checkpoint, args.arch)
+    trained = run.get("args", {})
     # the training run's split: another seed or share would put training samples into val
     if args.seed is None:
         args.seed = int(trained.get("seed", 0))
-    if args.input_size is None and isinstance(trained.get("input_size"), int):
-        args.input_size = trained["input_size"]
+    if args.input_size is None:
+        size = trained.get("input_size")
+        args.input_size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) \
+            else _recorded_size(checkpoint)
     device = resolve_device(args.device)
     loaders = _loaders(args, val_fraction=float(trained.get("validation_size", 0.1)))
     example = loaders.val.dataset[0][0].unsqueeze(0)
@@ -307,7 +334,38 @@ def _report(args: argparse.Namespace) -> None:
     stats.report()
 
 
-_COMMANDS = {"points": _points, "sweep": _sweep, "report": _report}
+# --- export ------------------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ..checkpoint import read_checkpoint  # the ONNX export's imports load only when exporting
+    from ..runtime import ExitRunner
+
+    check_arch(args.arch)
+    trained = _training_run(args.checkpoint.expanduser()).get("args", {})
+    sizes = args.input_size or [trained["input_size"] if isinstance(trained.get("input_size"), int)
+                                else default_input_size(args.arch)]
+    if len(sizes) > 2:
+        raise BranchifyError(f"--input-size takes a side, or a height and a width, got {len(sizes)} values {sizes}")
+    height, width = sizes[0], sizes[-1]
+    _, header, _ = read_checkpoint(args.checkpoint)
+    classes = int(header["num_classes"]) if header.get("num_classes", "").isdigit() else None
+    example = torch.zeros(1, 3, height, width)
+    module = load(args.checkpoint, get_model(args.arch, classes), example).eval()
+    module.exit_spec = _with_overrides(module.exit_spec, args.thresholds, args.criterion)
+    if module.exit_spec.thresholds is None:
+        raise BranchifyError(
+            f"the exits of {args.checkpoint} have no thresholds, so the exported model could not route any sample; "
+            "pass --thresholds T [T ...], one per early exit (bx.calibrate chooses them)")
+    path = ExitRunner(module).export_onnx(args.onnx.expanduser(), example_inputs=example, opset=args.opset)
+    spec = module.exit_spec
+    exits = ", ".join(f"exit_{i}_threshold={p.threshold:g} ({spec.criterion_of(i)})" if p.threshold is not None
+                      else f"exit {i} off" for i, p in enumerate(spec.exits))
+    print(f"Wrote {path}: {args.arch} at 3x{height}x{width}, exits after {', '.join(spec.layers)}; input x (batch, 3, "
+          f"{height}, {width}) -> logits (batch, {module.num_classes}), exit_index (batch,); {exits}")
+
+
+_COMMANDS = {"points": _points, "sweep": _sweep, "report": _report, "export": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

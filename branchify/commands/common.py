@@ -131,13 +131,36 @@ def run_command(prog: str, where: str, command: Callable[[], object]) -> int:
     """Run ``command()`` for program ``prog`` with one-line warnings; return its exit status.
 
     A user error (``BranchifyError``, pydantic's ``ValidationError``) prints ``where: error: ...``
-    on one line of stderr and gives 2, as argparse does for bad flags; success gives 0.
+    on one line of stderr and gives 2, as argparse does for bad flags; success gives 0. A reader
+    that stops early (``branchify points resnet18 | head -3``) ends the command quietly with 1.
     """
     with warnings.catch_warnings():
         one_line_warnings(prog)
         try:
             command()
+            sys.stdout.flush()
         except (BranchifyError, pydantic.ValidationError) as err:
             print(f"{where}: error: {error_line(err)}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            # Python's own advice: point stdout at devnull, or the flush at exit raises again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
     return 0
+
+
+class _InputSize(argparse.Action):
+    """``--input-size H [W]``: one side for square inputs, or a height and a width; stored as ``(H, W)``."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if len(values) > 2:
+            parser.error(f"{option_string} takes a side, or a height and a width, got {len(values)} values "
+                         f"{' '.join(map(str, values))}")
+        setattr(namespace, self.dest, (values[0], values[-1]))
+
+
+def add_input_size(parser: argparse.ArgumentParser, default: str) -> None:
+    """The one form of ``--input-size`` every command takes; ``default`` says what it is when not given."""
+    parser.add_argument("--input-size", type=positive_int, nargs="+", action=_InputSize, default=None,
+                        metavar="SIDE", help=f"input height [and width] in pixels (default: {default})")

@@ -32,6 +32,7 @@ from .datasets import (
     IMAGENET_MEAN,  # noqa: F401 (re-exported)
     IMAGENET_STD,  # noqa: F401 (re-exported)
     SPLITS,
+    ImageSize,
     LabelledSubset,
     TensorImages,  # noqa: F401 (re-exported)
     _check_fraction,
@@ -88,7 +89,7 @@ def _kind(spec: str | Path) -> tuple[str, Path | None]:
         f"dataset path {path} holds {found or 'nothing'}, which fits no known layout; give {_EXPECTED}")
 
 
-def load_splits(spec: str | Path, *, size: int | None = None, augment: bool = False, seed: int = 0,
+def load_splits(spec: str | Path, *, size: ImageSize | None = None, augment: bool = False, seed: int = 0,
                 val_fraction: float = 0.1) -> dict[str, Dataset]:
     """The ``train``, ``val`` and ``test`` datasets of ``spec`` (see ``load_dataset``).
 
@@ -142,7 +143,7 @@ def load_splits(spec: str | Path, *, size: int | None = None, augment: bool = Fa
     return {"train": train, "val": val, "test": test}
 
 
-def load_dataset(spec: str | Path, split: str = "train", *, size: int | None = None, augment: bool = False,
+def load_dataset(spec: str | Path, split: str = "train", *, size: ImageSize | None = None, augment: bool = False,
                  seed: int = 0, val_fraction: float = 0.1) -> Dataset:
     """One split of a dataset named by ``spec``: ``"digits"``, a CIFAR-10 python folder, or an ImageFolder tree.
 
@@ -161,7 +162,7 @@ def load_dataset(spec: str | Path, split: str = "train", *, size: int | None = N
 
 
 def make_loaders(dataset: str | Path, batch_size: int = 128, workers: int = 0, seed: int = 0, *,
-                 size: int | None = None, augment: bool = True, val_fraction: float = 0.1) -> Loaders:
+                 size: ImageSize | None = None, augment: bool = True, val_fraction: float = 0.1) -> Loaders:
     """Train, val and test ``DataLoader`` for ``dataset`` (see ``load_dataset``), deterministic under ``seed``.
 
     The training loader shuffles with its own generator seeded by ``seed`` (so the order does not

@@ -30,10 +30,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SPLITS",
+    "ImageSize",
     "LabelledSubset",
     "TensorImages",
     "cifar10_dataset",
     "digits_dataset",
+    "image_size",
     "imagefolder_dataset",
 ]
 
@@ -170,12 +172,28 @@ def _digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(bunch.target).long()
 
 
+ImageSize = int | tuple[int, int]
+
+
+def image_size(size: ImageSize, what: str = "size") -> tuple[int, int]:
+    """``(height, width)`` of ``size``: one side for square images, or a height and a width.
+
+    >>> image_size(32), image_size((24, 40))
+    ((32, 32), (24, 40))
+    """
+    sides = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else None
+    if sides is None or len(sides) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sides):
+        raise BranchifyError(f"{what} must be a positive int (pixels per side) or a (height, width) pair, got {size!r}")
+    return sides
+
+
 def _grey_to_rgb(image: torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1)
 
 
-def digits_dataset(split: str = "train", size: int = 32, seed: int = 0) -> TensorImages:
-    """scikit-learn's handwritten digits as 3-channel ``size`` x ``size`` images (offline, 10 classes).
+def digits_dataset(split: str = "train", size: ImageSize = 32, seed: int = 0) -> TensorImages:
+    """scikit-learn's handwritten digits as 3-channel ``size`` x ``size`` images (offline, 10 classes);
+    ``size`` may also be a ``(height, width)`` pair.
 
     The 8x8 images are scaled to [0, 1], resized bilinearly, and normalized with the mean and std of
     the training split; they are stored with one channel and read as three identical ones. The
@@ -189,11 +207,10 @@ def digits_dataset(split: str = "train", size: int = 32, seed: int = 0) -> Tenso
     ['0', '1', '2']
     """
     _check_split(split)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise BranchifyError(f"size must be a positive int (pixels per side), got {size!r}")
+    sides = image_size(size)
     images, targets = _digits_arrays()
-    if size != images.shape[-1]:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    if sides != tuple(images.shape[-2:]):
+        images = F.interpolate(images, size=sides, mode="bilinear", align_corners=False)
     parts = _stratified_split(targets, (0.2, 0.2), seed, "digits")
     train = images[parts[0]]
     images = (images - train.mean()) / train.std()
@@ -281,19 +298,19 @@ def _cifar_classes(folder: Path) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _cifar_transform(augment: bool, size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _cifar_transform(augment: bool, size: ImageSize | None) -> Callable[[torch.Tensor], torch.Tensor]:
     steps: list[Callable] = []
     if augment:  # the standard light CIFAR augmentation (He et al., section 4.2)
         steps += [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
     steps.append(v2.ToDtype(torch.float32, scale=True))
-    if size is not None and size != 32:
-        steps.append(v2.Resize((size, size), antialias=True))
+    if size is not None and image_size(size) != (32, 32):
+        steps.append(v2.Resize(image_size(size), antialias=True))
     steps.append(v2.Normalize(CIFAR10_MEAN, CIFAR10_STD))
     return v2.Compose(steps)
 
 
 def cifar10_dataset(root: str | Path, train: bool = True, *, augment: bool = False,
-                    size: int | None = None) -> TensorImages:
+                    size: ImageSize | None = None) -> TensorImages:
     """CIFAR-10 from a local python folder (``data_batch_1..5``, ``test_batch``, ``batches.meta``).
 
     ``root`` is that folder or its parent holding ``cifar-10-batches-py``. Images are normalized
@@ -321,12 +338,13 @@ def cifar10_dataset(root: str | Path, train: bool = True, *, augment: bool = Fal
 # --- ImageFolder -------------------------------------------------------------------------------
 
 
-def _imagefolder_transform(train: bool, augment: bool, size: int) -> Callable:
+def _imagefolder_transform(train: bool, augment: bool, size: ImageSize) -> Callable:
+    sides = image_size(size)
     if train and augment:
-        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        steps = [v2.RandomResizedCrop(sides, antialias=True), v2.RandomHorizontalFlip()]
     else:
-        # The usual evaluation crop: resize the short side to size * 256/224, then centre-crop.
-        steps = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
+        # The usual evaluation crop: resize the short side to 256/224 of the crop's longer side, then centre-crop.
+        steps = [v2.Resize(round(max(sides) * 256 / 224), antialias=True), v2.CenterCrop(sides)]
     return v2.Compose([*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), v2.ToPureTensor()])
 
@@ -348,7 +366,7 @@ def _imagefolder_roots(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def imagefolder_dataset(root: str | Path, train: bool = True, size: int = 224, *,
+def imagefolder_dataset(root: str | Path, train: bool = True, size: ImageSize = 224, *,
                         augment: bool = False) -> Dataset:
     """An ImageFolder tree with the standard ImageNet transforms (``size`` x ``size`` crops).
 

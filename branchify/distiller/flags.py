@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..commands.common import fraction, non_negative_int, positive_float, positive_int, usable_cores
+from ..commands.common import add_input_size, fraction, non_negative_int, positive_float, positive_int, usable_cores
 from ..criteria import registered_criteria
 from ..errors import BranchifyError
 from ..spec import ExitPoint, ExitSpec, HeadSpec
@@ -118,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "splits 60/20/20)")
     parser.add_argument("-o", "--out-dir", default="runs", help="folder for the run's outputs (default: runs)")
     parser.add_argument("-n", "--name", default=None, help="the run's name and subfolder (default: the arch)")
-    parser.add_argument("--input-size", type=positive_int, default=None,
-                        help="image side in pixels (default: 32 for digits and CIFAR-10, 224 for ImageFolder)")
+    add_input_size(parser, "32 for digits and CIFAR-10, 224 for ImageFolder")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data split and order (default: 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("-p", "--print-freq", type=positive_int, default=None,

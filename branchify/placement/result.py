@@ -143,39 +143,45 @@ class SweepResult:
         return path
 
     def plot(self, path: str | Path) -> Path:
-        """Plot forced accuracy against MACs per candidate, the frontier and the chosen set; save to ``path``."""
+        """Plot forced accuracy against MACs per candidate, the frontier and the chosen set; save to ``path``.
+
+        Candidate labels are placed where they overlap neither each other nor the chosen set's star."""
+        path = Path(path)
+        self.figure().savefig(path, dpi=120)
+        return path
+
+    def figure(self):
+        """The plot of ``plot`` as a matplotlib ``Figure`` (for a notebook, or to adjust before saving)."""
         try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:
             raise BranchifyError(
                 "SweepResult.plot needs matplotlib, which is not installed; pip install 'branchify[plot]'") from None
         fig = Figure(figsize=(8, 5), layout="constrained")
+        FigureCanvasAgg(fig)  # a renderer, to measure the labels
         ax = fig.add_subplot()
         xs = [100 * row.exit_fraction for row in self.table]
         ys = [100 * row.accuracy for row in self.table]
         ax.scatter(xs, ys, color="tab:blue", zorder=3, label="candidate head, every sample leaving there")
-        labels: dict[tuple[float, float], list[str]] = {}
-        for row, x, y in zip(self.table, xs, ys):  # candidates at the same spot share one label
-            labels.setdefault((round(x, 1), round(y, 1)), []).append(row.layer)
-        for (x, y), names in labels.items():
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         fx = [100 * p.mac_fraction for p in self.frontier]
         fy = [100 * p.accuracy for p in self.frontier]
         ax.step(fx, fy, where="post", color="tab:orange", marker=".", label="Pareto frontier (sets of exits)")
         ax.scatter([100.0], [100 * self.final_accuracy], color="black", marker="s", zorder=4,
                    label="original model")
-        ax.scatter([100 * self.best.mac_fraction], [100 * self.best.accuracy], color="tab:red", marker="*", s=200,
-                   zorder=5, label=f"chosen: {' + '.join(self.best.spec.layers)}")
+        star = ax.scatter([100 * self.best.mac_fraction], [100 * self.best.accuracy], color="tab:red", marker="*",
+                          s=200, zorder=5, label=f"chosen: {' + '.join(self.best.spec.layers)}")
         ax.set_xlabel("expected MACs per sample (% of the original model)")
         ax.set_ylabel("top-1 accuracy on val (%)")
         ax.set_title(f"branchify sweep: {len(self.table)} candidates, accuracy drop <= "
                      f"{100 * self.settings.get('max_accuracy_drop', math.nan):g} pt")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        return path
-
+        ax.legend(loc="best", fontsize=8)
+        labels: dict[tuple[float, float], list[str]] = {}
+        for row, x, y in zip(self.table, xs, ys):  # candidates at the same spot share one label
+            labels.setdefault((round(x, 1), round(y, 1)), []).append(row.layer)
+        _place_labels(fig, ax, labels, avoid=[star])
+        return fig
     def _rows(self) -> list[list[str]]:
         chosen = set(self.best.spec.layers)
         return [["*" if row.layer in chosen else "", row.layer, f"{row.macs_fraction:.1%}", f"{row.exit_fraction:.1%}",
@@ -183,19 +189,58 @@ class SweepResult:
 
     def _headline(self) -> list[str]:
         best = self.best
+        most = self.settings.get("max_exits")
+        sets = f"every set of at most {most} of them" if most is not None else "sets of them"
         return [
-            f"SweepResult({len(self.table)} candidates, {self.sets_searched} exit sets searched, "
-            f"max_accuracy_drop={self.settings.get('max_accuracy_drop')}, val samples={self.samples})",
+            f"SweepResult({len(self.table)} candidates; {self.sets_searched} exit sets searched ({sets}); "
+            f"max_accuracy_drop={self.settings.get('max_accuracy_drop')}; val samples={self.samples})",
             f"best: {' + '.join(best.spec.layers)}: accuracy {best.accuracy:.2%} (final {self.final_accuracy:.2%}, "
             f"drop {100 * best.accuracy_drop:.2f} points), {best.mac_fraction:.1%} of the original MACs "
-            f"(saving {best.saving:.1%}); frontier: {len(self.frontier)} points",
+            f"(saving {best.saving:.1%})",
+            f"frontier: {len(self.frontier)} operating points (a set of exits with thresholds) that no other beats on "
+            "both expected MACs and accuracy",
         ]
 
-    _HEADER = ["best", "candidate", "MACs", "exit MACs", "head params", "forced top-1"]
+    _HEADER = ["best", "candidate", "MACs to here", "exit cost", "head params", "forced top-1"]
+    _LEGEND = [
+        "MACs to here: the backbone's MACs up to the candidate, as a share of the original model's",
+        "exit cost: what a sample leaving there costs (those MACs plus its head's), as a share of the original",
+        "forced top-1: the head's accuracy on val if every sample left there; best: * marks the chosen exits",
+    ]
 
     def __repr__(self) -> str:
-        return "\n".join([*self._headline(), text_table(self._HEADER, self._rows())])
+        return "\n".join([*self._headline(), text_table(self._HEADER, self._rows()), *self._LEGEND])
 
     def _repr_html_(self) -> str:
         lines = "<br>".join(html.escape(line) for line in self._headline())
-        return f"<div><p>{lines}</p>{html_table(self._HEADER, self._rows())}</div>"
+        legend = "<br>".join(html.escape(line) for line in self._LEGEND)
+        return f"<div><p>{lines}</p>{html_table(self._HEADER, self._rows())}<p><small>{legend}</small></p></div>"
+
+
+# Where a label may go around its point, in points from it: right, above, below, left, then further out.
+_OFFSETS = [(5, 4), (5, -12), (-5, 6), (-5, -12), (5, 14), (5, -22), (-5, 16), (-5, -24), (5, 26), (5, -34)]
+
+
+def _place_labels(fig, ax, labels: dict[tuple[float, float], list[str]], avoid: list) -> None:
+    """Annotate each point with its names at the first offset whose box overlaps no label placed before it and
+    none of the ``avoid`` artists (the chosen set's star)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()  # the layout, hence the axes' final position, before measuring
+    taken = []
+    for markers in avoid:  # a scatter's extent is not measured by matplotlib: each marker's box from its size
+        half = math.sqrt(float(markers.get_sizes()[0])) / 2 * fig.dpi / 72 * 1.2
+        for cx, cy in ax.transData.transform(markers.get_offsets()):
+            taken.append(Bbox.from_extents(cx - half, cy - half, cx + half, cy + half))
+    for (x, y), names in sorted(labels.items()):
+        text = None
+        for dx, dy in _OFFSETS:
+            if text is not None:
+                text.remove()
+            text = ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha="left" if dx > 0 else "right", zorder=6)
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in taken):
+                break
+        taken.append(text.get_window_extent(renderer))

@@ -13,10 +13,22 @@ __all__ = ["check_inputs"]
 
 
 def check_inputs(inputs: tuple, *, count: int | None, names: Callable[[], list[str]] | None,
-                 dtype: torch.dtype | None, device: torch.device | None, since: Callable[[], str]) -> None:
+                 dtype: torch.dtype | None, device: torch.device | None, since: Callable[[], str],
+                 ranks: tuple[int | None, ...] | None = None) -> None:
     """Refuse inputs the runner cannot take, naming what it takes (``count`` tensors, or the graph's inputs
     ``names()``; None on the hook path) and, in ``since()``, what it has run on. The two describe the
-    refusal only, so they are called only to word it: this runs on every call of the runner."""
+    refusal only, so they are called only to word it: this runs on every call of the runner. ``ranks``: the
+    number of dims of each positional input in the example the module was built on (None: not known)."""
+    if ranks is not None and len(ranks) == len(inputs):
+        for i, (value, rank) in enumerate(zip(inputs, ranks)):
+            if rank is None or not isinstance(value, torch.Tensor) or value.ndim == rank:
+                continue
+            which = f"input {i}" if len(inputs) > 1 else "the input"
+            missing = (f": it lacks the batch dimension; for one sample pass x.unsqueeze(0) (shape "
+                       f"{(1, *value.shape)})") if value.ndim == rank - 1 else ""
+            raise BranchifyError(
+                f"{which} has shape {tuple(value.shape)} ({value.ndim} dims), but the module was built on "
+                f"{rank}-dim inputs (batch first){missing}")
     tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
     if (count is not None and len(inputs) != count) or not tensors or not all(
             a.ndim > 0 and a.shape[0] == tensors[0].shape[0] for a in tensors):

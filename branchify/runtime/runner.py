@@ -8,6 +8,7 @@ with ``archive``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -76,10 +77,19 @@ class ExitRunner:
         cut = module.exit_stages()
         hooks = cut is None
         param = next((p for p in module.parameters() if p.is_floating_point()), None)
+        if module.training:
+            warnings.warn(
+                "ExitRunner switched the module to eval mode (it was in training mode): the runner is for "
+                "inference, with BatchNorm's running statistics and no dropout. Call module.eval() before building "
+                "the runner to silence this; call module.train() to train again (the runner then refuses to run)",
+                UserWarning, stacklevel=2)
         self._setup(module=module.eval(), spec=spec, stages=[] if cut is None else list(cut.modules),
                     heads=list(module.exit_heads), num_classes=int(module.num_classes), num_inputs=None,
                     dtype=None if param is None else param.dtype, device=None if param is None else param.device,
                     hooks=hooks, head_inputs=None if cut is None else cut.head_inputs)
+        record = getattr(module, "example_record", None)
+        if record is not None and not record["kwargs"]:
+            self._ranks = tuple(len(a["shape"]) if "shape" in a else None for a in record["args"])
         if example_inputs is not None:
             values, names = self._bind((example_inputs,), {})
             self._check(values)
@@ -102,6 +112,7 @@ class ExitRunner:
         self._run_stages: list = list(stages)
         self._run_heads: list = list(heads)
         self._macs = MacTable()
+        self._ranks: tuple[int | None, ...] | None = None  # each input's dims in the example the module was built on
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, tuple[str, ...] | None]:
         """The stage-0 inputs of a call: as the model takes them (positional, named, or one dict of named
@@ -160,7 +171,7 @@ class ExitRunner:
     def _check(self, inputs: tuple) -> None:
         names = None if self._hooks or not self.stages else self._input_names
         check_inputs(inputs, count=self._num_inputs, names=names, dtype=self._dtype, device=self._device,
-                     since=self._macs.since)
+                     since=self._macs.since, ranks=self._ranks)
 
     def _costs(self, inputs: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
         x = self._batch_input(inputs)
