@@ -10,6 +10,7 @@ import torch
 import branchify as bx
 from branchify.commands import cli
 from branchify.distiller import train
+from branchify.distiller.models import get_model
 
 
 def rows_of(out: str) -> dict[str, list[str]]:
@@ -41,7 +42,7 @@ def test_points_input_size_and_distillers_exits(capsys):
     assert rows["layer1.2.relu2"][1] == "16x32x16"
 
 
-@pytest.mark.parametrize("command", ["points", "sweep", "report"])
+@pytest.mark.parametrize("command", ["points", "sweep", "report", "benchmark"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main([command, "--help"])
@@ -55,7 +56,7 @@ def test_top_level_help_lists_the_subcommands(capsys):
         cli.main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    assert all(command in out for command in ("points", "sweep", "report"))
+    assert all(command in out for command in ("points", "sweep", "report", "benchmark"))
 
 
 def test_sweep_on_digits_writes_result_plot_and_checkpoint(tmp_path, capsys):
@@ -207,3 +208,30 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     points.wait(timeout=300)
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()[-2000:]
     assert points.returncode == 1
+
+
+def test_benchmark_times_a_trainer_checkpoint(trained_run, tmp_path, capsys):
+    checkpoint = trained_run / "checkpoint.safetensors"
+    figures = tmp_path / "benchmark.json"
+    # an entropy threshold above ln 10 lets every sample out at the first exit
+    argv = ["benchmark", str(checkpoint), "digits", "--thresholds", "3", "--samples", "16", "--batch-sizes", "8", "1",
+            "--repeats", "2", "--json", str(figures)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{checkpoint}: resnet20_cifar_earlyexit, ExitRunner(2 stages; layer1.2: entropy 3)")
+    assert out[0].endswith("16 test samples")
+    assert out[1].startswith("BenchmarkResult: ExitRunner against the original model")
+    rows = [line.split() for line in out if line.startswith(("  1 ", "  8 "))]
+    assert [row[0] for row in rows] == ["1", "8"]
+    data = json.loads(figures.read_text())
+    costs = bx.exit_costs(bx.load(checkpoint, get_model("resnet20_cifar", 10), torch.zeros(1, 3, 32, 32)),
+                          torch.zeros(1, 3, 32, 32))
+    assert [(row["batch_size"], row["batches"], row["shares"]) for row in data["rows"]] == [(1, 16, [1.0, 0.0]),
+                                                                                          (8, 2, [1.0, 0.0])]
+    assert data["rows"][0]["mac_saving"] == pytest.approx(1 - costs.exits[0] / costs.original, rel=1e-9)
+
+
+def test_benchmark_needs_thresholds(trained_run, capsys):
+    assert cli.main(["benchmark", str(trained_run / "checkpoint.safetensors"), "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("branchify benchmark: error: ") and "have no thresholds" in err and "--thresholds" in err

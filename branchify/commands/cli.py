@@ -1,11 +1,12 @@
-"""The ``branchify`` command: list a model's exit points, sweep exit placements, report on a saved model.
+"""The ``branchify`` command: list a model's exit points, sweep exit placements, report on and time a saved model.
 
 ``branchify points ARCH`` lists where exits can attach, with shapes, layouts and cumulative MACs;
 ``branchify sweep ARCH DATASET`` trains a head at every candidate on the frozen backbone and writes
 the proposal (``result.json``, ``sweep.png``, a checkpoint and the spec); ``branchify report
 CHECKPOINT DATASET --arch ARCH`` rebuilds a saved model and prints Distiller's statistics report with
-the MACs. User errors print one line on stderr and exit with status 2. Training with exits is
-``branchify-train`` (Distiller's command line).
+the MACs; ``branchify benchmark CHECKPOINT DATASET`` times the saved exits against the original model
+(``bx.benchmark``). User errors print one line on stderr and exit with status 2. Training with exits
+is ``branchify-train`` (Distiller's command line).
 
 >>> from branchify.commands.cli import build_parser
 >>> build_parser().parse_args(["points", "resnet18", "--input-size", "64"]).input_size
@@ -158,6 +159,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="route by this criterion instead of the saved one")
     export.add_argument("--opset", type=positive_int, default=None,
                         help="ONNX opset, at least 18 (default: torch.onnx's)")
+
+    bench = commands.add_parser(
+        "benchmark", help="time a saved model's early exits against the original model",
+        description=("Rebuild the model saved in CHECKPOINT (bx.save, branchify-train), run bx.ExitRunner on the "
+                     "first --samples samples of a split of DATASET and time it against the original model with "
+                     "bx.benchmark: interleaved in one run, per batch size the median time per batch and its spread, "
+                     "the throughput, the speedup, the MACs the exits saved and the speedup those MACs promise. The "
+                     "exits need thresholds (saved, or --thresholds). Read the ratios: the times depend on the "
+                     "machine and its load, and a spread above 10% is reported."))
+    bench.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .safetensors file written by bx.save")
+    bench.add_argument("dataset", metavar="DATASET",
+                       help="'digits' (offline, 32x32), a CIFAR-10 python folder, or an ImageFolder tree")
+    bench.add_argument("--arch", "-a", default=None,
+                       help=f"the architecture the checkpoint was trained on (default: the one it records, else the "
+                            f"{SUMMARY} that branchify-train wrote beside it)")
+    bench.add_argument("--split", choices=["val", "test"], default="test",
+                       help="which split to time on (default: test)")
+    bench.add_argument("--samples", type=positive_int, default=256,
+                       help="how many samples of the split to time (default: 256; batch 1 runs them one by one)")
+    bench.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 64], metavar="B",
+                       help="the batch sizes to time (default: 1 64)")
+    bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats of each (default: 5)")
+    bench.add_argument("--threads", type=positive_int, default=None,
+                       help="torch's CPU threads (default: torch's own choice)")
+    bench.add_argument("--thresholds", type=float, nargs="+", metavar="T", default=None,
+                       help="route by these thresholds instead of the saved ones, one per early exit")
+    bench.add_argument("--criterion", choices=[c for c in registered_criteria() if c != "distiller"], default=None,
+                       help="route by this criterion instead of the saved one")
+    bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON here")
+    add_input_size(bench, "the training run's, else the one the checkpoint records")
+    bench.add_argument("-j", "--workers", type=non_negative_int, default=0,
+                       help="data loading processes (default: 0, load in this process)")
+    bench.add_argument("--seed", type=int, default=None, help="seed of the data split (default: the training run's)")
+    bench.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    bench.set_defaults(batch_size=256)  # the loader's; the timed batches are --batch-sizes
     return parser
 
 
@@ -365,7 +401,50 @@ def _export(args: argparse.Namespace) -> None:
           f"{height}, {width}) -> logits (batch, {module.num_classes}), exit_index (batch,); {exits}")
 
 
-_COMMANDS = {"points": _points, "sweep": _sweep, "report": _report, "export": _export}
+# --- benchmark ---------------------------------------------------------------------------------
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    from ..runtime import ExitRunner
+    from ..runtime.benchmark import benchmark
+
+    checkpoint = args.checkpoint.expanduser()
+    args.arch, run = checkpoint_arch(checkpoint, args.arch)
+    trained = run.get("args", {})
+    if args.seed is None:  # the training run's split, so that test holds no training sample
+        args.seed = int(trained.get("seed", 0))
+    if args.input_size is None:
+        size = trained.get("input_size")
+        args.input_size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) \
+            else _recorded_size(checkpoint)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    loaders = _loaders(args, val_fraction=float(trained.get("validation_size", 0.1)))
+    example = loaders.val.dataset[0][0].unsqueeze(0)
+    module = load(checkpoint, get_model(args.arch, loaders.num_classes), example).eval()
+    module.exit_spec = _with_overrides(module.exit_spec, args.thresholds, args.criterion)
+    if module.exit_spec.thresholds is None:
+        raise BranchifyError(
+            f"the exits of {args.checkpoint} have no thresholds, so no sample could leave early and there is nothing "
+            "to time; pass --thresholds T [T ...], one per early exit (bx.calibrate chooses them)")
+    runner = ExitRunner(module.to(device))
+    chunks, held = [], 0
+    for images, _ in getattr(loaders, args.split):
+        chunks.append(images)
+        held += len(images)
+        if held >= args.samples:
+            break
+    inputs = torch.cat(chunks)[:args.samples]
+    result = benchmark(runner, inputs, batch_sizes=args.batch_sizes, repeats=args.repeats)
+    print(f"{args.checkpoint}: {args.arch}, {runner!r}; {len(inputs)} {args.split} samples")
+    print(repr(result))
+    if args.json is not None:
+        args.json.expanduser().write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"Wrote {args.json}")
+
+
+_COMMANDS = {"points": _points, "sweep": _sweep, "report": _report, "export": _export, "benchmark": _benchmark}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
