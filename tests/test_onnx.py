@@ -441,3 +441,33 @@ def test_an_exporter_failure_names_the_stage_and_keeps_the_cause(tmp_path):
     with pytest.raises(bx.BranchifyError, match=r"could not capture stage 0 .*'3'.*'test_onnx_numpy'") as info:
         runner.export_onnx(tmp_path / "m.onnx", x[:1])
     assert info.value.__cause__ is not None
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_branchify_export_writes_the_file_the_runner_would(tmp_path, capsys):
+    from branchify.commands.cli import main
+    from branchify.distiller.models import get_model
+
+    x = torch.randn(32, 3, 32, 32)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1"), bx.ExitPoint(layer="layer2")])  # no thresholds
+    module = bx.attach_exits(get_model("resnet20_cifar"), spec, x[:1]).eval()
+    checkpoint = bx.save(module, tmp_path / "checkpoint.safetensors")
+
+    assert main(["export", str(checkpoint), "--arch", "resnet20_cifar", "--onnx", str(tmp_path / "a.onnx")]) == 2
+    assert "pass --thresholds" in capsys.readouterr().err  # the saved exits have no thresholds
+
+    module.exit_spec = spec.with_exits(threshold=[1.0, 1.0])
+    thresholds = thresholds_for(module, x, [0.5, 0.5])
+    assert main(["export", str(checkpoint), "--arch", "resnet20_cifar", "--onnx", str(tmp_path / "m.onnx"),
+                 "--thresholds", *map(str, thresholds)]) == 0
+    printed = capsys.readouterr().out
+    assert "logits (batch, 10), exit_index (batch,)" in printed and "exit_1_threshold=" in printed
+    module.exit_spec = spec.with_exits(threshold=thresholds)
+    exit_index = compare(bx.ExitRunner(module), onnx.load(str(tmp_path / "m.onnx")), x)
+    assert len(set(exit_index.tolist())) == 3
+
+    assert main(["export", str(checkpoint), "--arch", "resnet20_cifar", "--onnx", str(tmp_path / "o.onnx"),
+                 "--thresholds", "1", "1", "--opset", "17"]) == 2
+    assert "opset 17 is too old" in capsys.readouterr().err

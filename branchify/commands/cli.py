@@ -143,16 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", help="write a saved model as one ONNX file that routes each sample to its exit",
-        description=("Rebuild the model saved in CHECKPOINT (bx.save, branchify-train) on ARCH and write it with "
+        description=("Rebuild the model saved in CHECKPOINT (bx.save, branchify-train) and write it with "
                      "ExitRunner.export_onnx: one ONNX model whose outputs are logits (batch, classes) and exit_index "
                      "(batch,), each stage running only on the samples that reach it. Thresholds are initializers "
                      "named exit_<i>_threshold, which a deployment can edit in the file. Needs branchify[onnx]."))
     export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .safetensors file written by bx.save")
-    export.add_argument("--arch", "-a", required=True, help="the architecture the checkpoint was trained on")
     export.add_argument("--onnx", type=Path, required=True, metavar="PATH", help="the ONNX file to write")
-    export.add_argument("--input-size", type=positive_int, nargs="+", metavar="SIDE",
-                        help="input height [and width] in pixels (default: the training run's, else 32 for CIFAR "
-                             "ResNets and 224 otherwise)")
+    export.add_argument("--arch", "-a", default=None,
+                        help=f"the architecture the checkpoint was trained on (default: the one it records, else "
+                             f"the {SUMMARY} that branchify-train wrote beside it)")
+    add_input_size(export, "the training run's, else the one the checkpoint records, else the arch's own")
     export.add_argument("--thresholds", type=float, nargs="+", metavar="T", default=None,
                         help="route by these thresholds instead of the saved ones, one per early exit")
     export.add_argument("--criterion", choices=[c for c in registered_criteria() if c != "distiller"], default=None,
@@ -374,20 +374,19 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ..checkpoint import read_checkpoint  # the ONNX export's imports load only when exporting
     from ..runtime import ExitRunner
 
-    check_arch(args.arch)
-    trained = _training_run(args.checkpoint.expanduser()).get("args", {})
-    sizes = args.input_size or [trained["input_size"] if isinstance(trained.get("input_size"), int)
-                                else default_input_size(args.arch)]
-    if len(sizes) > 2:
-        raise BranchifyError(f"--input-size takes a side, or a height and a width, got {len(sizes)} values {sizes}")
-    height, width = sizes[0], sizes[-1]
-    _, header, _ = read_checkpoint(args.checkpoint)
+    checkpoint = args.checkpoint.expanduser()
+    args.arch, run = checkpoint_arch(checkpoint, args.arch)
+    if args.input_size is None:
+        size = run.get("args", {}).get("input_size")
+        args.input_size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) \
+            else _recorded_size(checkpoint) or (default_input_size(args.arch),) * 2
+    height, width = args.input_size
+    _, header, _ = read_checkpoint(checkpoint)
     classes = int(header["num_classes"]) if header.get("num_classes", "").isdigit() else None
     example = torch.zeros(1, 3, height, width)
-    module = load(args.checkpoint, get_model(args.arch, classes), example).eval()
+    module = load(checkpoint, get_model(args.arch, classes), example).eval()
     module.exit_spec = _with_overrides(module.exit_spec, args.thresholds, args.criterion)
     if module.exit_spec.thresholds is None:
         raise BranchifyError(
