@@ -23,7 +23,8 @@ import branchify as bx
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 MIN_CASES = 64  # the number of cases when this test was written; lower it only when merging cases
-SECTIONS = {"Spec": "spec-", "Surgery": "surgery-", "Loss": "loss-", "Statistics": "stats-", "Runtime": "runtime-",
+SECTIONS = {"Spec": "spec-", "Surgery": "surgery-", "Loss": "loss-", "Training": "fit-", "Statistics": "stats-",
+            "Runtime": "runtime-",
             "Calibration": "calibrate-", "Persistence": "checkpoint-"}
 
 HEADING = re.compile(r"^### `(?P<id>[a-z0-9-]+)`: (?P<title>\S.*)$")
