@@ -53,6 +53,12 @@ class FitStep:
     when it has none); ``outputs`` are every exit's logits, the final one last, detached; ``loss`` is
     the batch's loss (detached, a 0-dim tensor on the module's device); ``lr`` the first parameter
     group's learning rate for this step; ``seconds`` the time since the epoch began.
+
+    >>> import torch
+    >>> outputs = (torch.zeros(2, 3), torch.zeros(2, 3))
+    >>> step = FitStep(0, 1, 4, outputs, torch.tensor([0, 1]), torch.tensor(1.1), 0.1, 0.5)
+    >>> step.outputs[-1].shape, float(step.loss)
+    (torch.Size([2, 3]), 1.1)
     """
 
     epoch: int

@@ -49,6 +49,8 @@ def digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, TensorDa
 
 
 def train_model(model: torch.nn.Module, loader: DataLoader, *, epochs: int, lr: float) -> None:
+    """The plain model, trained as any PyTorch classifier is: it has no exits yet (``bx.fit`` trains modules with
+    exits; the sweep below trains its candidate heads as ``bx.fit(module, ..., mode="heads")`` does)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):

@@ -36,7 +36,11 @@ SPREAD_LIMIT = 0.10  # an interquartile range above 10% of the median: the machi
 
 
 def synchronize(device: torch.device | str | None) -> None:
-    """Wait for the device's queued work (CUDA, MPS), so that a clock read after it has finished."""
+    """Wait for the device's queued work (CUDA, MPS), so that a clock read after it has finished.
+
+    >>> from branchify.runtime.benchmark import synchronize
+    >>> synchronize("cpu")  # the CPU runs synchronously: nothing to wait for
+    """
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
