@@ -56,9 +56,9 @@ class FitStep:
 
     >>> import torch
     >>> outputs = (torch.zeros(2, 3), torch.zeros(2, 3))
-    >>> step = FitStep(0, 1, 4, outputs, torch.tensor([0, 1]), torch.tensor(1.1), 0.1, 0.5)
+    >>> step = FitStep(0, 1, 4, outputs, torch.tensor([0, 1]), torch.tensor(1.5), 0.1, 0.5)
     >>> step.outputs[-1].shape, float(step.loss)
-    (torch.Size([2, 3]), 1.1)
+    (torch.Size([2, 3]), 1.5)
     """
 
     epoch: int
