@@ -235,3 +235,31 @@ def test_benchmark_needs_thresholds(trained_run, capsys):
     assert cli.main(["benchmark", str(trained_run / "checkpoint.safetensors"), "digits"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("branchify benchmark: error: ") and "have no thresholds" in err and "--thresholds" in err
+
+
+def test_backbone_epochs_train_the_plain_model_as_a_plain_loop_would(capsys):
+    """--backbone-epochs goes through bx.fit (the package's one loop) and trains exactly as plain SGD does."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from branchify.distiller.models import get_model
+
+    torch.manual_seed(0)
+    ours = get_model("resnet20_cifar", 10)
+    plain = copy.deepcopy(ours)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    losses = cli._train_backbone(ours, loader, torch.zeros(1, 3, 32, 32), epochs=2, lr=0.05,
+                                 device=torch.device("cpu"))
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    plain.train()
+    for _ in range(2):
+        for x, y in loader:
+            loss = F.cross_entropy(plain(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for (name, a), b in zip(ours.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(losses) == 2 and "Backbone epoch [1]" in capsys.readouterr().out

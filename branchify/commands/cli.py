@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .. import __version__
 from ..checkpoint import load, read_checkpoint, save
@@ -38,6 +37,8 @@ from ..errors import BranchifyError
 from ..placement import sweep
 from ..points import list_exit_points
 from ..spec import ExitSpec
+from ..surgery import attach_exits
+from ..training import fit
 from .common import (
     add_input_size,
     fraction,
@@ -225,24 +226,19 @@ def _loaders(args: argparse.Namespace, val_fraction: float = 0.1):
                         size=args.input_size, val_fraction=val_fraction)
 
 
-def _train_backbone(model: nn.Module, loader, *, epochs: int, lr: float, device: torch.device) -> list[float]:
-    """Train the plain ``model`` with cross-entropy and SGD (momentum 0.9); returns the mean loss per epoch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    model.to(device).train()
-    losses = []
-    for epoch in range(epochs):
-        total, samples = 0.0, 0
-        for inputs, target in tqdm(loader, desc=f"backbone epoch {epoch + 1}/{epochs}", disable=None, leave=False):
-            inputs, target = inputs.to(device), target.to(device)
-            loss = F.cross_entropy(model(inputs), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(target)
-            samples += len(target)
-        losses.append(total / max(samples, 1))
-        print(f"Backbone epoch [{epoch}]    Loss {losses[-1]:.6f}", flush=True)
-    return losses
+def _train_backbone(model: nn.Module, loader, example: torch.Tensor, *, epochs: int, lr: float,
+                    device: torch.device) -> list[float]:
+    """Train the plain ``model`` with cross-entropy on its own output and SGD (momentum 0.9), through ``bx.fit``
+    (the package's one training loop); returns the mean loss per epoch."""
+    # bx.fit trains modules with exits: one exit whose head the loss leaves out trains the backbone alone.
+    first = list_exit_points(model, example)[0].name
+    module = attach_exits(model, [first], example).to(device)
+    history = fit(module, loader, epochs=epochs, progress=sys.stderr.isatty(),
+                  optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4),
+                  loss=lambda outputs, target: F.cross_entropy(outputs[-1], target),
+                  on_epoch_end=lambda epoch: print(f"Backbone epoch [{epoch.epoch}]    Loss {epoch.loss:.6f}",
+                                                   flush=True))
+    return [epoch.loss for epoch in history.epochs]
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -263,7 +259,7 @@ def _sweep(args: argparse.Namespace) -> None:
         # the module shares its backbone with ``model``, so loading it trains ``model`` too
         load(args.checkpoint, model, example)
     elif args.backbone_epochs:
-        _train_backbone(model, train_loader, epochs=args.backbone_epochs, lr=args.backbone_lr, device=device)
+        _train_backbone(model, train_loader, example, epochs=args.backbone_epochs, lr=args.backbone_lr, device=device)
     else:
         warnings.warn(
             f"the backbone of {args.arch} has random weights (nothing is downloaded), so the heads learn from "
