@@ -33,7 +33,7 @@ def distributed_world(group=None) -> int | None:
     return size if size > 1 else None
 
 
-def data_parallel(module: torch.nn.Module, group=None):
+def data_parallel(module: torch.nn.Module, group=None, *, find_unused_parameters: bool = False):
     """``module`` wrapped in ``DistributedDataParallel`` under torch.distributed (else itself), and a context for
     each epoch that lets ranks with fewer batches join the others' last all-reduces (``DDP.join``)."""
     if distributed_world(group) is None:
@@ -42,7 +42,7 @@ def data_parallel(module: torch.nn.Module, group=None):
 
     device = next(module.parameters()).device
     ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                  process_group=group)
+                                  process_group=group, find_unused_parameters=find_unused_parameters)
     return ddp, ddp.join
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ._distributed import data_parallel, distributed_world
+from ._distributed import summed as summed_over_ranks
 from ._inputs import split_batch
 from ._outputs import split_outputs
 from ._tables import html_table, text_table
@@ -240,9 +242,13 @@ def fit(module: nn.Module, train_loader: Iterable, *, epochs: int, mode: Mode = 
     device = module_device(module)
     history = FitHistory(mode, (*spec.layers, "final"))
     with kept_modes(module), (frozen_backbone(module) if mode == "heads" else contextlib.nullcontext()):
+        # Under torch.distributed: DistributedDataParallel, built after freezing (it synchronises the parameters
+        # that require gradients when it is built); a loss of the caller's may leave some of them out.
+        model, joined = data_parallel(module, find_unused_parameters=loss is not None)
         for epoch in range(epochs):
-            record = _epoch(module, train_loader, loss_fn, opt, mode=mode, epoch=epoch, epochs=epochs,
-                            device=device, on_step=on_step, progress=progress)
+            with joined():  # ranks whose shards hold fewer batches keep the others' all-reduces going
+                record = _epoch(module, model, train_loader, loss_fn, opt, mode=mode, epoch=epoch, epochs=epochs,
+                                device=device, on_step=on_step, progress=progress)
             if val_loader is not None:
                 record = FitEpoch(**{**asdict(record), "val_accuracy": _validate(module, val_loader, device)})
             history.epochs.append(record)
@@ -258,10 +264,11 @@ def _train_mode(module: nn.Module, mode: Mode) -> None:
         module.exit_heads.train()  # heads with dropout or normalisation train as heads
 
 
-def _epoch(module: nn.Module, loader: Iterable, loss_fn: Loss, optimizer: torch.optim.Optimizer, *, mode: Mode,
-           epoch: int, epochs: int, device: torch.device, on_step: Callable[[FitStep], object] | None,
+def _epoch(module: nn.Module, model: nn.Module, loader: Iterable, loss_fn: Loss, optimizer: torch.optim.Optimizer, *,
+           mode: Mode, epoch: int, epochs: int, device: torch.device, on_step: Callable[[FitStep], object] | None,
            progress: bool) -> FitEpoch:
-    """One pass over ``loader``: the package's one loop of forward, loss, backward and optimizer step."""
+    """One pass over ``loader``: the package's one loop of forward, loss, backward and optimizer step (``model``
+    is ``module``, or its DistributedDataParallel wrapper)."""
     _train_mode(module, mode)  # again each epoch: on_epoch_end may have switched modes
     k = len(module.exit_spec.exits)
     steps = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
@@ -274,7 +281,7 @@ def _epoch(module: nn.Module, loader: Iterable, loss_fn: Loss, optimizer: torch.
     for step, batch in enumerate(bar, start=1):
         inputs, target = split_batch(batch)
         target = target.to(device, non_blocking=True)
-        outputs = inputs.map(lambda x: x.to(device, non_blocking=True)).call(module)
+        outputs = inputs.map(lambda x: x.to(device, non_blocking=True)).call(model)
         value = loss_fn(outputs, target)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             raise BranchifyError(f"the loss must return a scalar tensor, got {_describe(value)}")
@@ -295,9 +302,10 @@ def _epoch(module: nn.Module, loader: Iterable, loss_fn: Loss, optimizer: torch.
             exits, final = split_outputs(outputs, k)
             on_step(FitStep(epoch=epoch, step=step, steps=steps, outputs=(*(z.detach() for z in exits), final.detach()),
                             target=target, loss=value.detach(), lr=lr, seconds=time.perf_counter() - start))
-    if not step:
+    summed, samples = summed_over_ranks(float(total), samples, device)  # every rank's batches
+    if not samples:
         raise BranchifyError(f"the training loader yielded no batches in epoch {epoch}; give it training samples")
-    return FitEpoch(epoch=epoch, loss=float(total) / max(samples, 1), val_accuracy=None, lr=lr, samples=samples,
+    return FitEpoch(epoch=epoch, loss=summed / samples, val_accuracy=None, lr=lr, samples=samples,
                     steps=step, seconds=time.perf_counter() - start)
 
 
@@ -310,7 +318,9 @@ def _validate(module: nn.Module, loader: Iterable, device: torch.device) -> tupl
             inputs, target = split_batch(batch)
             stats.update(inputs.map(lambda x: x.to(device, non_blocking=True)).call(module), target)
             batches += 1
-    if not batches:
+    if distributed_world() is not None:
+        stats.all_reduce()  # each rank saw its shard; every rank reports all of them
+    elif not batches:
         raise BranchifyError("the validation loader yielded no batches; give it samples, or pass val_loader=None")
     return tuple(row.accuracy["top1"] / 100 for row in stats.summary().exits)
 

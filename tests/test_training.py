@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -157,14 +158,28 @@ def test_heads_mode_leaves_the_backbone_exactly_as_it_was(path):
     assert {name: m.training for name, m in module.named_modules()} == modes
 
 
-def test_heads_mode_is_the_sweeps_head_training():
-    """train_heads (the sweep's) and fit(mode="heads") with the same Adam give the same heads: the sweep can
-    delegate to fit."""
+def test_the_sweeps_head_training_is_the_hand_written_heads_loop():
+    """train_heads (the sweep's, now bx.fit(mode="heads")) gives the heads the loop one would write by hand: the
+    backbone in eval mode and out of autograd, Adam on the heads, their cross-entropies summed."""
     ours, theirs = make_module(weights=False), make_module(weights=False)
-    bx.fit(ours, loader(data()), epochs=2, mode="heads", optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
-           progress=False)
-    train_heads(theirs, loader(data()), epochs=2, lr=3e-3, progress=False)
+    train_heads(ours, loader(data()), epochs=2, lr=3e-3, progress=False)
+    heads = list(theirs.exit_heads.parameters())
+    head_ids = {id(p) for p in heads}
+    for p in theirs.parameters():
+        p.requires_grad_(id(p) in head_ids)
+    theirs.eval()
+    theirs.exit_heads.train()
+    optimizer = torch.optim.Adam(heads, lr=3e-3)
+    batches = loader(data())  # one loader for both epochs, as train_heads iterates it: its order moves on
+    for _ in range(2):
+        for x, y in batches:
+            outputs = theirs(x)
+            loss = sum(F.cross_entropy(z, y) for z in outputs[:-1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     assert same_state(ours, theirs)
+    assert all(p.requires_grad for p in ours.parameters())  # the backbone given back as it was
 
 
 def test_a_backbone_frozen_before_stays_frozen():
