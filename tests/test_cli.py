@@ -263,3 +263,13 @@ def test_backbone_epochs_train_the_plain_model_as_a_plain_loop_would(capsys):
     for (name, a), b in zip(ours.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert len(losses) == 2 and "Backbone epoch [1]" in capsys.readouterr().out
+
+
+def test_report_help_describes_both_modes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "With thresholds (saved, or --thresholds) each sample leaves at its first exit that fires (routed mode)" \
+        in text
+    assert "Without thresholds nothing is routed (forced mode): every exit classifies every sample" in text
+    assert "per exit the samples taken" not in text.split("(forced mode)")[1]  # no shares in forced mode
