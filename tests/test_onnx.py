@@ -347,21 +347,47 @@ def test_every_label_free_criterion_with_temperatures_and_an_exit_that_is_off(tm
     assert seen == {0, 2, 3, 4}  # every exit that is on took samples; the off one none
 
 
+def _varied_heads(module: bx.ExitModule, runner: bx.ExitRunner, x: torch.Tensor) -> None:
+    """Heads whose predictions vary from sample to sample and agree in part from exit to exit.
+
+    Random heads on pooled ReLU features predict one class for every sample, so patience would route the
+    whole batch alike; here each head scores three classes on its features' standardised deviations, with
+    the same weights at every exit."""
+    w = torch.randn(3, 8) * 3
+    values = (x,)
+    with torch.no_grad():
+        for stage, head in zip(runner.stages, module.exit_heads):
+            values = stage(*values)
+            pooled = values[0].mean(dim=(2, 3))
+            linear = head[1]
+            linear.weight.zero_()
+            linear.bias.zero_()
+            linear.weight[:3] = w / pooled.std(0)
+            linear.bias[:3] = -(w / pooled.std(0)) @ pooled.mean(0)
+
+
 def test_patience_carries_each_samples_prediction_and_run_across_exits(tmp_path):
-    exits = [bx.ExitPoint(layer=layer, threshold=2, criterion="patience") for layer in ("1", "3", "5")]
+    """Patience at exits 0 and 2, entropy (with a temperature) between them: exit 1 counts in the runs too."""
+    exits = [bx.ExitPoint(layer="1", threshold=2, criterion="patience"),
+             bx.ExitPoint(layer="3", threshold=0.0, criterion="entropy", temperature=1.5),
+             bx.ExitPoint(layer="5", threshold=2, criterion="patience")]
     module, runner, x = _tiny_runner(exits)
-    # random heads agree little: make exits 1 and 2 predict like exit 0 for about half the samples
-    for head in (module.exit_heads[1], module.exit_heads[2]):
-        head.load_state_dict(module.exit_heads[0].state_dict())
-    x = torch.cat([x[:32], torch.randn(32, 3, 8, 8) * 4])
+    _varied_heads(module, runner, x)
     model = onnx.load(str(runner.export_onnx(tmp_path / "patience.onnx", example_inputs=x[:1])))
-    assert not any("temperature" in i.name for i in model.graph.initializer)
-    seen = set()
-    for thresholds in ([2, 2, 2], [1, 2, 3], [3, 3, 3], [2, 3, 3], [1, 1, 1]):
+    names = {i.name for i in model.graph.initializer}
+    assert "exit_1_temperature" in names and not {"exit_0_temperature", "exit_2_temperature"} & names
+    with torch.no_grad():
+        entropy = get_criterion("entropy").score(module(x)[1], None, 1.5).sort().values
+    middle = float(entropy[31] + entropy[32]) / 2
+    mixes = []
+    for thresholds in ([2, -1.0, 2], [2, -1.0, 3], [3, middle, 3], [1, -1.0, 2], [2, 9.0, 2]):
         module.exit_spec = module.exit_spec.with_exits(threshold=thresholds)
         for batch in BATCHES:
-            seen |= set(compare(runner, retuned(model, thresholds), x[:batch]).tolist())
-    assert seen == {0, 1, 2, 3}
+            exit_index = compare(runner, retuned(model, thresholds), x[:batch])
+        mixes.append(np.bincount(exit_index, minlength=4).tolist())
+    # a run of 2 and of 3 (through the entropy exit, and after it let half the batch out) split at exit 2
+    assert all(mix[2] > 0 and mix[3] > 0 for mix in mixes[:3]), mixes
+    assert mixes[3][0] == 64 and mixes[4][1] == 64, mixes
 
 
 def test_a_loaded_runner_exports_from_its_programs(tmp_path):

@@ -1,8 +1,8 @@
 """One ONNX model that routes each sample itself: the runner's stages, heads and criteria, nested in Ifs.
 
 Each piece (stage ``i``, then head ``i``, its criterion's score and the mask of the samples that leave)
-is exported by torch's own exporter (``torch.onnx.export(..., dynamo=True)``, batch dim dynamic); the
-pieces are then composed with ``onnx``'s helpers into one graph that does what ``route_stages`` does:
+is captured by ``torch.export`` (batch dim dynamic) and translated by ``torch.onnx``; the pieces are
+then composed with ``onnx``'s helpers into one graph that does what ``route_stages`` does:
 after each exit, NonZero splits the sub-batch into the samples that leave and those that go on, the
 leavers' logits and exit index are scattered (ScatterND) into the outputs at their batch positions, every
 tensor that crosses the cut is compacted (Gather along the batch), and the rest of the network sits in
@@ -13,7 +13,8 @@ Thresholds (and temperatures) are top-level initializers named ``exit_{i}_thresh
 ``exit_{i}_temperature``, float32 scalars, so a deployment can re-tune them in the file; the branches read
 them from the outer scope. Each piece's weights stay in the branch that holds its nodes: onnxruntime's
 NCHWc layout transformer only rewrites convolutions whose weights are initializers of their own graph, and
-weights read from the outer scope made resnet50 1.65x slower (``benchmarks/onnx.py`` measures both).
+weights read from the outer scope made resnet50 1.5x to 1.7x slower (``benchmarks/onnx.py`` measures
+both).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class _PieceModule(nn.Module):
     """Stage ``i``, then, when exit ``i`` is on, head ``i``, its criterion's score and the mask of the samples
     that leave (and, when a criterion looks across exits, each sample's prediction and run of agreeing exits).
 
-    Takes the tensors the stage takes (its constant inputs are baked in), then the threshold and temperature
-    (0-d tensors), then the previous prediction and run; returns the tensors the stage returns, then the
-    head's logits and the mask, then the prediction and run."""
+    Takes the tensors the stage takes (its constant inputs are baked in), then the threshold and the
+    temperature (0-d tensors; a criterion across exits takes no temperature), then the last judged exit's
+    predictions and runs (when the routing remembers and an exit was judged before); returns the tensors
+    the stage returns, then the head's logits and the mask, then the predictions and runs."""
 
     def __init__(self, stage: nn.Module, inputs: Sequence, head: nn.Module | None = None, head_inputs: int = 1,
                  rule: ExitRule | None = None, remembers: bool = False, judged_before: bool = False) -> None:
@@ -105,15 +107,15 @@ class _PieceModule(nn.Module):
             return tensors
         z = self.head(*out[:self.head_inputs])
         threshold = next(it)
+        temperature = None if self.criterion.across_exits else next(it)
         memory: tuple[torch.Tensor, ...] = ()
         if self.remembers:
             prediction = z.argmax(dim=-1)  # as routing.Judge does
             streak = agreeing_run(prediction, next(it), next(it)) if self.judged_before else agreeing_run(prediction)
             memory = (prediction, streak)
-        if self.criterion.across_exits:
+        if temperature is None:
             fired = memory[1] >= threshold  # ExitRule.fires for a criterion across exits
         else:
-            temperature = next(it)
             fired = self.criterion.fires(self.criterion.score_fn(z / temperature), threshold)
         return (*tensors, z, fired, *memory)
 
@@ -122,9 +124,10 @@ class _PieceModule(nn.Module):
 class Piece:
     """One exported piece: stage ``index`` (with head, criterion and mask when its exit is on).
 
-    ``model`` takes ``carried`` tensors (stage 0: the model's tensor inputs), then the threshold and the
-    temperature if the exit uses them, then the previous prediction and run if ``judged_before`` and the
-    routing remembers; it returns the stage's tensors, then logits, mask, prediction and run likewise.
+    ``model`` takes ``carried_in`` tensors (stage 0: the model's tensor inputs), then, when the exit is on,
+    its threshold, its temperature (unless its criterion looks across exits) and, when the routing
+    ``remembers`` and an exit was ``judged_before``, the predictions and runs; it returns ``carried_out``
+    tensors, then, when the exit is on, logits, mask, and predictions and runs when it remembers.
     ``inputs`` are the example inputs it was exported with (all of them: also the scalars)."""
 
     index: int
@@ -145,7 +148,7 @@ def _describe(runner, i: int) -> str:
 
 
 def _exporter_summary(err: Exception) -> str:
-    """torch.onnx's error in one line: what failed (its first sentence) and the exception under it."""
+    """An exporter's error in one line: what failed (its first sentence) and the exception under it."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0].split(" This is step")[0].rstrip(". ") if lines else type(err).__name__
@@ -237,12 +240,12 @@ def _pieces(runner, values: tuple, opset: int | None) -> list[Piece]:
             if rule is not None:
                 inputs += (torch.tensor(rule.threshold, dtype=torch.float32),)
                 names.append("threshold")
-                if remembers and judged:
-                    inputs += (prediction, streak)
-                    names += ["prediction", "streak"]
                 if not rule.criterion.across_exits:
                     inputs += (torch.tensor(rule.temperature, dtype=torch.float32),)
                     names.append("temperature")
+                if remembers and judged:
+                    inputs += (prediction, streak)
+                    names += ["prediction", "streak"]
             dynamic = tuple(None if v.ndim == 0 else {0: batch} for v in inputs)
             what = _describe(runner, i) + ("" if rule is None else f", its head and criterion {rule.criterion.name!r}")
             model = _export(module, inputs, dynamic, names, opset, what)
@@ -355,10 +358,10 @@ class _Composer:
         feeds: list[str] = []
         if piece.rule is not None:
             feeds.append(threshold_name(i))
-            if piece.remembers and piece.judged_before:
-                feeds.extend(memory)
             if not piece.rule.criterion.across_exits:
                 feeds.append(temperature_name(i))
+            if piece.remembers and piece.judged_before:
+                feeds.extend(memory)
         if len(ins) != piece.carried_in + len(feeds):
             raise BranchifyError(f"internal: piece {i} has {len(ins)} inputs, {piece.carried_in + len(feeds)} expected")
         mapping.update(zip(ins[piece.carried_in:], feeds))
@@ -466,7 +469,12 @@ def _input_names(runner, values: tuple) -> list[str]:
     names = [str(n.target) for n in runner.stages[0].graph.nodes if n.op == "placeholder"]
     if len(names) != len(values):
         names = [f"input_{j}" for j in range(len(values))]
-    return [name for name, v in zip(names, values) if isinstance(v, torch.Tensor)]
+    names = [name for name, v in zip(names, values) if isinstance(v, torch.Tensor)]
+    clash = sorted({_LOGITS, _EXIT_INDEX} & set(names))
+    if clash:
+        raise BranchifyError(f"the model's input {clash[0]!r} has the name of an output of the exported model "
+                             f"({_LOGITS!r}, {_EXIT_INDEX!r}); rename that argument of the model's forward")
+    return names
 
 
 def _weight_bytes(graph) -> int:
