@@ -275,7 +275,7 @@ class ExitRunner:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(1),
         ...                             torch.nn.Linear(8 * 14 * 14, 10))
         >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=2.2716)])
-        >>> runner = bx.ExitRunner(bx.attach_exits(model, spec, torch.randn(1, 3, 16, 16)))
+        >>> runner = bx.ExitRunner(bx.attach_exits(model, spec, torch.randn(1, 3, 16, 16)).eval())
         >>> x = torch.randn(6, 3, 16, 16)
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     session = onnxruntime.InferenceSession(str(runner.export_onnx(f"{tmp}/model.onnx", x[:1])))
