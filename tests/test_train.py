@@ -132,14 +132,15 @@ def test_exit_layers_are_required_without_distillers_exits(no_training, capsys):
 
 
 def test_exit_layers_train_any_arch_and_write_checkpoint_and_spec(tmp_path, capsys):
-    argv = ["--arch", "resnet18", "--exit-layers", "layer2", "layer1", "--earlyexit_thresholds", "0.5", "0.6",
-            "--earlyexit_lossweights", "0.2", "0.3", "--criterion", "distiller", "-j", "0", "--out-dir",
+    # in the order the model reaches them (another order is refused); each threshold stays with its layer
+    argv = ["--arch", "resnet18", "--exit-layers", "layer1", "layer2", "--earlyexit_thresholds", "0.6", "0.5",
+            "--earlyexit_lossweights", "0.3", "0.2", "--criterion", "distiller", "-j", "0", "--out-dir",
             str(tmp_path), "-n", "r18", "--dataset", "digits", *QUICK]
     assert train.main(argv) == 0
     captured = capsys.readouterr()
     # the label-reading criterion works, with a one-line warning
     assert "branchify-train: warning: criterion 'distiller'" in captured.err
-    # exits in graph order, each with its own threshold and weight
+    # each exit with its own threshold and weight
     assert "exit 0: after layer1 (64x8x8" in captured.out and "exit 1: after layer2 (128x4x4" in captured.out
     run = tmp_path / "r18"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors", "spec.json", "summary.json"]
