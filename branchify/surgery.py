@@ -46,7 +46,7 @@ class ExitModule(fx.GraphModule, Exits):
 
     def __init__(self, root: Mapping[str, object], graphs: dict[bool, fx.Graph], *, exit_spec: ExitSpec,
                  exit_points: list[ExitPointInfo], num_classes: int, training: bool = False,
-                 exit_path: str = "fx", keyword_inputs: bool = False) -> None:
+                 exit_path: str = "fx", keyword_inputs: bool = False, example_record: dict | None = None) -> None:
         super().__init__(dict(root), graphs[training], class_name="ExitModule")
         for graph in graphs.values():
             for node in graph.nodes:
@@ -60,6 +60,7 @@ class ExitModule(fx.GraphModule, Exits):
         self.num_classes = num_classes
         self.exit_path = exit_path
         self.keyword_inputs = keyword_inputs
+        self.example_record = example_record  # what the example inputs looked like (bx.save records it)
         # Only the wrapper's flag: shared backbone modules keep the flags they had in the model.
         self.training = training
         self.exit_heads.train(training)
@@ -103,7 +104,8 @@ class ExitModule(fx.GraphModule, Exits):
         # type(self) is torch.fx's per-instance GraphModuleImpl; constructing through it skips __init__.
         cls = next(c for c in type(self).__mro__ if not c.__qualname__.endswith("GraphModuleImpl"))
         rest = dict(exit_spec=self.exit_spec, exit_points=list(self.exit_points), num_classes=self.num_classes,
-                    training=self.training, exit_path=self.exit_path, keyword_inputs=self.keyword_inputs)
+                    training=self.training, exit_path=self.exit_path, keyword_inputs=self.keyword_inputs,
+                    example_record=self.example_record)
         return cls, root, self._graphs, rest
 
     def __deepcopy__(self, memo: dict) -> ExitModule:

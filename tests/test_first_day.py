@@ -136,3 +136,14 @@ def test_the_sweep_explains_its_counts_and_columns_and_its_plot_labels_do_not_ov
         for j in range(i):
             assert not box.overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())
     assert result.plot(tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_copies_and_pickles_keep_what_the_example_inputs_looked_like(tmp_path):
+    import copy
+    import pickle
+
+    module = bx.attach_exits(torchvision.models.resnet18(num_classes=10), ["layer1"], torch.zeros(1, 3, 40, 40))
+    for other in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert other.example_record == module.example_record
+        assert bx.load(bx.save(other, tmp_path / "copy.safetensors"), torchvision.models.resnet18(num_classes=10)
+                       ).exit_points[0].shape == (64, 10, 10)

@@ -19,6 +19,14 @@ def check_inputs(inputs: tuple, *, count: int | None, names: Callable[[], list[s
     ``names()``; None on the hook path) and, in ``since()``, what it has run on. The two describe the
     refusal only, so they are called only to word it: this runs on every call of the runner. ``ranks``: the
     number of dims of each positional input in the example the module was built on (None: not known)."""
+    tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+    if (count is not None and len(inputs) != count) or not tensors or not all(
+            a.ndim > 0 and a.shape[0] == tensors[0].shape[0] for a in tensors):
+        wanted = (f"{count} input tensor(s)" if count is not None else "the model's inputs" if names is None
+                  else f"the model's inputs ({', '.join(names())})")
+        raise BranchifyError(
+            f"ExitRunner takes {wanted}, each tensor with the same batch dim, like the model's forward; got "
+            f"{describe_inputs(inputs) or 'nothing'}{since()}")
     if ranks is not None and len(ranks) == len(inputs):
         for i, (value, rank) in enumerate(zip(inputs, ranks)):
             if rank is None or not isinstance(value, torch.Tensor) or value.ndim == rank:
@@ -29,14 +37,6 @@ def check_inputs(inputs: tuple, *, count: int | None, names: Callable[[], list[s
             raise BranchifyError(
                 f"{which} has shape {tuple(value.shape)} ({value.ndim} dims), but the module was built on "
                 f"{rank}-dim inputs (batch first){missing}")
-    tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
-    if (count is not None and len(inputs) != count) or not tensors or not all(
-            a.ndim > 0 and a.shape[0] == tensors[0].shape[0] for a in tensors):
-        wanted = (f"{count} input tensor(s)" if count is not None else "the model's inputs" if names is None
-                  else f"the model's inputs ({', '.join(names())})")
-        raise BranchifyError(
-            f"ExitRunner takes {wanted}, each tensor with the same batch dim, like the model's forward; got "
-            f"{describe_inputs(inputs) or 'nothing'}{since()}")
     x = next((a for a in tensors if a.is_floating_point()), tensors[0])
     if (dtype is not None and x.is_floating_point() and x.dtype != dtype) or (
             device is not None and x.device != device):
