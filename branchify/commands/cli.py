@@ -334,17 +334,24 @@ def _recorded_size(checkpoint: Path) -> tuple[int, int] | None:
     return (int(shape[-2]), int(shape[-1])) if len(args) == 1 and len(shape) == 4 else None
 
 
-def _report(args: argparse.Namespace) -> None:
+def saved_run(args: argparse.Namespace) -> tuple[Path, dict]:
+    """Fill in ``args`` for a command on a saved checkpoint: the architecture (``checkpoint_arch``), the training
+    run's seed (another seed or share would put training samples into val and test) and its input size, else
+    the one the checkpoint records. Returns the checkpoint's path and the training run's arguments."""
     checkpoint = args.checkpoint.expanduser()
     args.arch, run = checkpoint_arch(checkpoint, args.arch)
     trained = run.get("args", {})
-    # the training run's split: another seed or share would put training samples into val
-    if args.seed is None:
+    if getattr(args, "seed", 0) is None:
         args.seed = int(trained.get("seed", 0))
     if args.input_size is None:
         size = trained.get("input_size")
         args.input_size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) \
             else _recorded_size(checkpoint)
+    return checkpoint, trained
+
+
+def _report(args: argparse.Namespace) -> None:
+    checkpoint, trained = saved_run(args)
     device = resolve_device(args.device)
     loaders = _loaders(args, val_fraction=float(trained.get("validation_size", 0.1)))
     example = loaders.val.dataset[0][0].unsqueeze(0)
@@ -372,13 +379,8 @@ def _report(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from ..runtime import ExitRunner
 
-    checkpoint = args.checkpoint.expanduser()
-    args.arch, run = checkpoint_arch(checkpoint, args.arch)
-    if args.input_size is None:
-        size = run.get("args", {}).get("input_size")
-        args.input_size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) \
-            else _recorded_size(checkpoint) or (default_input_size(args.arch),) * 2
-    height, width = args.input_size
+    checkpoint, _ = saved_run(args)
+    height, width = args.input_size or (default_input_size(args.arch),) * 2
     _, header, _ = read_checkpoint(checkpoint)
     classes = int(header["num_classes"]) if header.get("num_classes", "").isdigit() else None
     example = torch.zeros(1, 3, height, width)
@@ -403,15 +405,7 @@ def _benchmark(args: argparse.Namespace) -> None:
     from ..runtime import ExitRunner
     from ..runtime.benchmark import benchmark
 
-    checkpoint = args.checkpoint.expanduser()
-    args.arch, run = checkpoint_arch(checkpoint, args.arch)
-    trained = run.get("args", {})
-    if args.seed is None:  # the training run's split, so that test holds no training sample
-        args.seed = int(trained.get("seed", 0))
-    if args.input_size is None:
-        size = trained.get("input_size")
-        args.input_size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) \
-            else _recorded_size(checkpoint)
+    checkpoint, trained = saved_run(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
