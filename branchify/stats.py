@@ -323,9 +323,12 @@ class ExitStats:
         Routed: Distiller's ``Exit %d: %d``, ``Percent Early Exit %d: %.3f``, ``Accuracy Stats for
         exit %d: top1 = %.3f, top5 = %.3f`` and ``Totals for entire network with early exits: ...``
         lines, in that order; forced: the accuracy and mean loss of every exit. Then, with costs,
-        the MACs at each exit, of the original model, expected per sample, and the saving.
+        the MACs at each exit, of the original model, expected per sample, and the saving. Last, a
+        line for what Distiller's lines leave unexplained (``summary.explanations()``): an exit nobody
+        took, whose accuracy reads 0, and a negative saving.
         """
-        text = "\n".join(self.summary().lines())
+        summary = self.summary()
+        text = "\n".join([*summary.lines(), *summary.explanations()])
         print(text, file=file if file is not None else sys.stdout)
         return text
 

@@ -107,7 +107,6 @@ class ExitStatsSummary:
             if self.expected_macs is not None:
                 lines.append(f"Expected MACs per sample: {self.expected_macs / _MEGA:.3f} MMACs")
                 lines.append(f"Saving vs the original model: {self.saving_percent:.3f}%")
-        lines += self.explanations()
         return lines
 
     def explanations(self) -> list[str]:
@@ -152,7 +151,7 @@ class ExitStatsSummary:
             notes.append(f"original model: {self.original_macs / _MEGA:.3f} MMACs")
             if self.saving_percent is not None:
                 notes.append(f"expected saving: {self.saving_percent:.3f}%")
-        return names, grid, notes
+        return names, grid, [*notes, *self.explanations()]
 
     def __repr__(self) -> str:
         names, grid, notes = self._grid()

@@ -315,7 +315,14 @@ def _top_logit(z: torch.Tensor) -> torch.Tensor:
     return z.amax(dim=-1)
 
 
-bx.register_criterion("test_onnx_top_logit", _top_logit, exits_when="above")
+@pytest.fixture
+def own_criteria(monkeypatch):
+    """This file's criteria, registered for one test: the registry is global, and other files list it."""
+    from branchify import criteria
+
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
+    bx.register_criterion("test_onnx_top_logit", _top_logit, exits_when="above")
+    bx.register_criterion("test_onnx_numpy", _not_exportable, exits_when="above")
 
 
 def _tiny_runner(exits: list[bx.ExitPoint]) -> tuple[bx.ExitModule, bx.ExitRunner, torch.Tensor]:
@@ -324,7 +331,7 @@ def _tiny_runner(exits: list[bx.ExitPoint]) -> tuple[bx.ExitModule, bx.ExitRunne
     return module, bx.ExitRunner(module), x
 
 
-def test_every_label_free_criterion_with_temperatures_and_an_exit_that_is_off(tmp_path):
+def test_every_label_free_criterion_with_temperatures_and_an_exit_that_is_off(tmp_path, own_criteria):
     exits = [bx.ExitPoint(layer="1", threshold=0.5, criterion="confidence", temperature=2.0),
              bx.ExitPoint(layer="3"),  # off
              bx.ExitPoint(layer="5", threshold=0.5, criterion="margin", temperature=0.5),
@@ -458,10 +465,7 @@ def _not_exportable(z: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(z.detach()).max(axis=-1))  # leaves torch: torch.export cannot follow it
 
 
-bx.register_criterion("test_onnx_numpy", _not_exportable, exits_when="above")
-
-
-def test_an_exporter_failure_names_the_stage_and_keeps_the_cause(tmp_path):
+def test_an_exporter_failure_names_the_stage_and_keeps_the_cause(tmp_path, own_criteria):
     module, runner, x = _tiny_runner([bx.ExitPoint(layer="3", threshold=0.0, criterion="test_onnx_numpy")])
     assert runner(x[:4]).exit_index.shape == (4,)  # the runner runs it
     with pytest.raises(bx.BranchifyError, match=r"could not capture stage 0 .*'3'.*'test_onnx_numpy'") as info:

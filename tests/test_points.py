@@ -71,8 +71,8 @@ def test_node_names_are_the_ones_torchvision_reports(name):
 def test_exit_points_render_as_a_table():
     points = bx.list_exit_points(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
     lines = repr(points).splitlines()
-    assert lines[0].split() == ["name", "shape", "layout", "MMACs", "of", "model"]
-    assert len(lines) == len(points) + 1
+    assert lines[0].split() == ["name", "shape", "layout", "MMACs", "of", "model", "also", "named"]
+    assert len(lines) == len(points) + 1 + len(points.legend())  # a legend line per note under the table
     assert any(line.split()[:3] == ["layer1", "64x8x8", "NCHW"] for line in lines)
     html = points._repr_html_()
     assert html.startswith("<table><thead>") and html.count("<tr>") == len(points) + 1

@@ -260,13 +260,20 @@ def cases(draw, *, weights: bool = False) -> Case:
         order.append(layer)
         weight = draw(st.floats(0.0, 0.95 / k)) if weights else None
         exits.append(bx.ExitPoint(layer=layer, head=draw(heads_for(point)), weight=weight))
-    listed = draw(st.permutations(exits))  # any order in the spec; the module puts them in graph order
+    listed = draw(st.permutations(exits))  # any order in the spec; one in another order than the graph is refused
     return Case(entry, bx.ExitSpec(exits=listed), order, draw(st.integers(0, 2**16)))
 
 
 def attach(case: Case) -> bx.ExitModule:
+    """The case's module; a spec listing its exits out of graph order is first refused with the graph order."""
+    spec = case.spec
+    if spec.layers != case.graph_order:
+        with pytest.raises(bx.errors.ExitOrderError) as caught:
+            bx.attach_exits(case.entry.model, spec, case.entry.example)
+        assert caught.value.graph_order == case.graph_order
+        spec = spec.model_copy(update={"exits": sorted(spec.exits, key=lambda p: case.graph_order.index(p.layer))})
     torch.manual_seed(case.seed)
-    return bx.attach_exits(case.entry.model, case.spec, case.entry.example)
+    return bx.attach_exits(case.entry.model, spec, case.entry.example)
 
 
 def check_final_output_and_shapes(case: Case) -> None:

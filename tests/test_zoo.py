@@ -17,9 +17,12 @@ def test_zoo_model_gets_exits_and_keeps_its_output(name):
     assert len(inner) >= 2, f"{name}: too few exit points {[p.name for p in points]}"
     chosen = [inner[2 * len(inner) // 3], inner[len(inner) // 3]]  # out of graph order on purpose
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=p.name) for p in chosen])
-    module = bx.attach_exits(model, spec, x[:1]).eval()
+    with pytest.raises(bx.errors.ExitOrderError) as refused:  # refused with the order that works, not reordered
+        bx.attach_exits(model, spec, x[:1])
+    assert refused.value.graph_order == [chosen[1].name, chosen[0].name]
+    module = bx.attach_exits(model, refused.value.graph_order, x[:1]).eval()
 
-    assert module.exit_spec.layers == [chosen[1].name, chosen[0].name]  # graph order
+    assert module.exit_spec.layers == [chosen[1].name, chosen[0].name]  # the declared order
     with torch.no_grad():
         reference = model(x)
     outputs = module(x)
