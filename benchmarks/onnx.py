@@ -40,10 +40,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torchvision
 
-import branchify as bx
-from benchmarks.runtime import LAYERS, set_thresholds, timed
+from benchmarks.runtime import LAYERS, resnet50_with_exits, timed
 from branchify.runtime.onnx_export import export_pieces
 
 
@@ -121,15 +119,8 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 7)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
     device = torch.device("cpu")
-
-    model = torchvision.models.resnet50().eval()
-    x = torch.randn(args.batch, 3, 224, 224)
-    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in LAYERS])
-    module = bx.attach_exits(model, spec, x[:1]).eval()
-    set_thresholds(module, x)
-    runner = bx.ExitRunner(module, example_inputs=x[:1])
+    model, x, module, runner = resnet50_with_exits(args.batch)
     with torch.inference_mode():
         taken = runner(x).exit_index
 

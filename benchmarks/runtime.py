@@ -43,6 +43,18 @@ LAYERS = ["layer1", "layer2", "layer3"]
 SHARES = [0.5, 0.25, 0.125]  # of the whole batch, leaving at exits 0, 1, 2; the rest goes to the end
 
 
+def resnet50_with_exits(batch: int) -> tuple[torch.nn.Module, torch.Tensor, bx.ExitModule, bx.ExitRunner]:
+    """The benchmark's model: ResNet-50 at 224 (seed 0), exits at ``LAYERS`` with the 50/25/12.5% mix on a batch of
+    ``batch`` random images, and its runner."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    x = torch.randn(batch, 3, 224, 224)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in LAYERS])
+    module = bx.attach_exits(model, spec, x[:1]).eval()
+    set_thresholds(module, x)
+    return model, x, module, bx.ExitRunner(module, example_inputs=x[:1])
+
+
 def set_thresholds(module: bx.ExitModule, x: torch.Tensor) -> None:
     """Entropy thresholds halfway between neighbouring scores, so that SHARES of ``x`` leave."""
     crit = get_criterion("entropy")
@@ -165,15 +177,8 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 7)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
     device = torch.device("cpu")
-
-    model = torchvision.models.resnet50().eval()
-    x = torch.randn(args.batch, 3, 224, 224)
-    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in LAYERS])
-    module = bx.attach_exits(model, spec, x[:1]).eval()
-    set_thresholds(module, x)
-    runner = bx.ExitRunner(module, example_inputs=x[:1])
+    model, x, module, runner = resnet50_with_exits(args.batch)
     costs = bx.exit_costs(module, x[:1])
     routed = whole_batch(runner, module)
 
