@@ -20,7 +20,7 @@ import torch
 
 from .errors import BranchifyError
 
-__all__ = ["combine", "data_parallel", "distributed_world", "sampler_indices", "summed"]
+__all__ = ["combine", "data_parallel", "distributed_world", "summed"]
 
 
 def distributed_world(group=None) -> int | None:
@@ -68,12 +68,6 @@ def _distributed_sampler(loader: Iterable):
     return None
 
 
-def sampler_indices(loader: Iterable) -> torch.Tensor | None:
-    """The dataset indices ``loader`` visits, in order, when it draws them from a ``DistributedSampler``."""
-    sampler = _distributed_sampler(loader)
-    return None if sampler is None else torch.tensor(list(iter(sampler)), dtype=torch.int64)
-
-
 @dataclass(frozen=True)
 class _Shard:
     """What one rank says of its part before anything large is sent."""
@@ -107,9 +101,9 @@ def combine(tensors: list[torch.Tensor] | None, example, loader: Iterable, what:
         return tensors, example
     import torch.distributed as dist
 
-    indices = sampler_indices(loader)
-    samples = 0 if tensors is None else int(tensors[0].shape[0])
     sampler = _distributed_sampler(loader)
+    indices = None if sampler is None else torch.tensor(list(iter(sampler)), dtype=torch.int64)
+    samples = 0 if tensors is None else int(tensors[0].shape[0])
     if indices is not None and indices.numel() != samples:
         # Raising here alone would leave the other ranks waiting; every rank learns of it below.
         samples = -1
