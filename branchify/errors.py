@@ -1,8 +1,8 @@
-"""The one exception type for user mistakes."""
+"""The one exception type for user mistakes, and the one for our own broken invariants."""
 
 from __future__ import annotations
 
-__all__ = ["BranchifyError", "ExitOrderError", "SpecError"]
+__all__ = ["BranchifyError", "BranchifyInternalError", "ExitOrderError", "SpecError"]
 
 
 class BranchifyError(ValueError):
@@ -43,3 +43,16 @@ class ExitOrderError(BranchifyError):
     def __init__(self, message: str, graph_order: list[str]) -> None:
         super().__init__(message)
         self.graph_order = list(graph_order)
+
+
+class BranchifyInternalError(RuntimeError):
+    """A broken invariant inside branchify: a bug of ours, never the user's mistake.
+
+    It is deliberately not a ``ValueError`` (nor a ``BranchifyError``), so that code catching user errors
+    does not swallow it and no message blames the user's inputs for it. Raise it ``from`` the original
+    error so that the cause is kept; please report it with the traceback.
+
+    >>> from branchify.errors import BranchifyInternalError
+    >>> issubclass(BranchifyInternalError, ValueError)
+    False
+    """
