@@ -276,11 +276,13 @@ def _epoch(module: nn.Module, model: nn.Module, loader: Iterable, loss_fn: Loss,
     samples = step = 0
     lr = float(optimizer.param_groups[0]["lr"])
     start = time.perf_counter()
+    buffers = _Buffers(module)
     bar = tqdm(loader, total=steps, desc=f"fit ({mode}): epoch {epoch + 1}/{epochs}", disable=not progress,
                leave=False)
     for step, batch in enumerate(bar, start=1):
         inputs, target = split_batch(batch)
         target = target.to(device, non_blocking=True)
+        buffers.keep()  # the forward updates BatchNorm's running statistics before the loss can be checked
         outputs = inputs.map(lambda x: x.to(device, non_blocking=True)).call(model)
         value = loss_fn(outputs, target)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
@@ -292,6 +294,12 @@ def _epoch(module: nn.Module, model: nn.Module, loader: Iterable, loss_fn: Loss,
         lr = float(optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
         value.backward()
+        # Checked before the step (one read of the device per step): a step on a NaN gradient would make
+        # every weight NaN; stopping here leaves the weights and the optimizer's state as the last good step left them.
+        if not _finite(value, optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            buffers.restore()
+            raise _diverged(outputs, target, value, k, epoch=epoch, step=step, layers=module.exit_spec.layers)
         optimizer.step()
         n = int(target.shape[0])
         total += value.detach() * n
@@ -307,6 +315,58 @@ def _epoch(module: nn.Module, model: nn.Module, loader: Iterable, loss_fn: Loss,
         raise BranchifyError(f"the training loader yielded no batches in epoch {epoch}; give it training samples")
     return FitEpoch(epoch=epoch, loss=summed / samples, val_accuracy=None, lr=lr, samples=samples,
                     steps=step, seconds=time.perf_counter() - start)
+
+
+class _Buffers:
+    """The module's buffers (BatchNorm's running statistics and counts) as they were before a step's forward,
+    so that a step refused for a non-finite loss leaves them as the last good step did."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers = list(module.buffers())
+        self.kept: list[torch.Tensor] = []
+
+    def keep(self) -> None:
+        if self.kept:
+            torch._foreach_copy_(self.kept, self.buffers)
+        else:
+            self.kept = [b.detach().clone() for b in self.buffers]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, kept in zip(self.buffers, self.kept):
+                buffer.copy_(kept)
+
+
+def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    flags = [loss.detach().isfinite().reshape(1)]
+    if grads:
+        flags.append(torch.nn.utils.get_total_norm(grads, norm_type=math.inf).isfinite().reshape(1))
+    return bool(torch.cat([f.to(loss.device) for f in flags]).all())
+
+
+def _diverged(outputs: Sequence, target: torch.Tensor, loss: torch.Tensor, k: int, *, epoch: int, step: int,
+              layers: Sequence[str]) -> BranchifyError:
+    """The error for a step whose loss or gradients are not finite, naming the exits whose outputs or
+    cross-entropy are not finite (what the default losses add up)."""
+    exits, final = split_outputs(outputs, k)
+    names = [*(f"exit {i} ({layer!r})" for i, layer in enumerate(layers)), "the final exit"]
+    bad = []
+    with torch.no_grad():
+        for name, z in zip(names, (*exits, final)):
+            z = z.detach().float()
+            if not bool(z.isfinite().all()):
+                bad.append(f"{name} (its logits)")
+            elif not target.is_floating_point() and not bool(F.cross_entropy(z, target.long()).isfinite()):
+                bad.append(f"{name} (its cross-entropy)")
+    what = "the loss" if not bool(loss.detach().isfinite()) else "the gradients"
+    where = ("; non-finite: " + ", ".join(bad)) if bad else (
+        "; every exit's logits and cross-entropy are finite, so the loss function itself gave it")
+    return BranchifyError(
+        f"fit stopped at epoch {epoch}, step {step}: {what} went non-finite ({float(loss.detach()):g}){where}. "
+        "The weights, buffers and optimizer state are as they were before this step. Lower the "
+        "learning rate (lr=...), look for NaN or infinite values in that batch's inputs, or clip the gradients in "
+        "the loss")
 
 
 def _validate(module: nn.Module, loader: Iterable, device: torch.device) -> tuple[float, ...]:
