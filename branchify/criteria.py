@@ -2,8 +2,10 @@
 
 A criterion maps logits ``(B, C)`` to scores ``(B,)``; a sample leaves when its score is strictly
 below the threshold (``exits_when="below"``) or at least the threshold (``"above"``). A NaN score
-never fires. Each criterion declares the range its scores lie in (``low``, ``high``), so that
-calibration can place thresholds without sentinel values, whatever the sign of the scores.
+never fires. Each criterion declares the range its scores lie in (``low``, ``high``; entropy's upper
+end is ``log C``, known once the number of classes ``C`` is), so that calibration can place
+thresholds without sentinel values, whatever the sign of the scores, and a threshold outside the
+range (one at which the exit never fires, or always does, whatever the sample) is refused.
 
 ``"patience"`` (PABEE, Zhou et al. 2020) looks across exits: its score at an exit is the number of
 consecutive judged exits, ending there, that predict the same class; with threshold ``t`` it fires
@@ -21,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import _registry
 from ._rows import by_rows
 from .errors import BranchifyError
 
@@ -40,6 +43,17 @@ class Criterion:
     low: float = -math.inf
     high: float = math.inf
     across_exits: bool = False  # the score depends on the exits before (patience), not on one exit's logits
+    high_of_classes: Callable[[int], float] | None = None  # the upper end when it depends on the class count
+
+    def score_range(self, classes: int | None = None) -> tuple[float, float]:
+        """The range of the scores, ``(low, high)``; with ``classes``, the range for that many classes.
+
+        >>> get_criterion("entropy").score_range(4)
+        (0.0, 1.3862943611198906)
+        """
+        if classes is None or self.high_of_classes is None:
+            return self.low, self.high
+        return self.low, min(self.high, float(self.high_of_classes(int(classes))))
 
     def score(self, logits: torch.Tensor, target: torch.Tensor | None = None,
               temperature: float = 1.0) -> torch.Tensor:
@@ -67,12 +81,46 @@ class Criterion:
         fired = scores < threshold if self.exits_when == "below" else scores >= threshold
         return fired & ~torch.isnan(scores)
 
-    def check_threshold(self, threshold: float, where: str = "") -> None:
-        """Refuse a threshold this criterion cannot use (patience counts exits: a positive integer)."""
-        if self.across_exits and not (float(threshold).is_integer() and threshold >= 1):
-            raise BranchifyError(
-                f"{where}criterion {self.name!r} takes a positive integer threshold (how many consecutive exits must "
-                f"agree), got {threshold!r}; use e.g. threshold=2")
+    def check_threshold(self, threshold: float, where: str = "", classes: int | None = None) -> None:
+        """Refuse a threshold this criterion cannot use: patience counts exits (a positive integer); any other
+        must lie in the score range (``score_range(classes)``; without ``classes``, the part of it that does
+        not depend on them), where it decides between samples.
+
+        An exit that fires below ``t`` never fires at ``t <= low`` and always fires past ``high``; one that fires
+        at or above ``t`` never fires past ``high`` and always fires below ``low``. The edges at which every
+        sample fires (``low`` for "above", just past ``high`` for "below", where calibration puts its last
+        rung) are accepted, within float32 rounding, as the scores are float32.
+
+        >>> try:
+        ...     get_criterion("entropy").check_threshold(3.0, classes=10)
+        ... except BranchifyError as err:
+        ...     print(str(err)[:78])
+        criterion 'entropy' scores lie in [0, 2.30259] for 10 classes, so at threshold
+        """
+        if self.across_exits:
+            if not (float(threshold).is_integer() and threshold >= 1):
+                raise BranchifyError(
+                    f"{where}criterion {self.name!r} takes a positive integer threshold (how many consecutive exits "
+                    f"must agree), got {threshold!r}; use e.g. threshold=2")
+            return
+        low, high = self.score_range(classes)
+        t = float(threshold)
+        slack = 1e-6 * max(1.0, abs(high)) if math.isfinite(high) else 0.0
+        if self.exits_when == "below":
+            never, always = t <= low, t > high + slack
+            rule = "below"
+        else:
+            never, always = t > high + slack, t < low - 1e-6 * max(1.0, abs(low))
+            rule = ">="
+        if not (never or always):
+            return
+        of = f" for {classes} classes" if classes is not None and self.high_of_classes is not None else ""
+        span = f"[{low:g}, {high:g}]"
+        what = "never fires" if never else "fires for every sample"
+        raise BranchifyError(
+            f"{where}criterion {self.name!r} scores lie in {span}{of}, so at threshold {threshold!r} the exit {what} "
+            f"(it fires when the score is {rule} the threshold); give a threshold in {span}, or let bx.calibrate "
+            "choose it")
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -103,15 +151,18 @@ _REGISTRY: dict[str, Criterion] = {}
 
 
 def register_criterion(name: str, score_fn: ScoreFn, exits_when: Literal["below", "above"] = "below", *,
-                       low: float = -math.inf, high: float = math.inf) -> Criterion:
+                       low: float = -math.inf, high: float = math.inf,
+                       high_of_classes: Callable[[int], float] | None = None, replace: bool = False) -> Criterion:
     """Register a label-free exit criterion under ``name``.
 
     ``score_fn(logits) -> scores`` maps ``(B, C)`` logits to ``(B,)`` scores, which lie in
-    ``[low, high]`` (default: any real number; calibration refuses scores outside the range). A
-    registered name can then be used in ``ExitSpec(criterion=...)`` or per exit.
+    ``[low, high]`` (default: any real number; calibration refuses scores outside the range, specs a
+    threshold outside it); ``high_of_classes(C)``, when given, narrows the upper end once the number of
+    classes is known (entropy's is ``math.log``). A registered name can then be used in
+    ``ExitSpec(criterion=...)`` or per exit; registering a taken name again needs ``replace=True``.
 
     >>> import torch, branchify as bx
-    >>> crit = bx.register_criterion("top_logit", lambda z: z.amax(dim=-1), exits_when="above")
+    >>> crit = bx.register_criterion("top_logit_example", lambda z: z.amax(dim=-1), exits_when="above")
     >>> crit.fires(crit.score(torch.tensor([[3.0, 0.0], [0.1, 0.2]])), 1.0).tolist()
     [True, False]
     """
@@ -126,9 +177,11 @@ def register_criterion(name: str, score_fn: ScoreFn, exits_when: Literal["below"
     if isinstance(low, bool) or isinstance(high, bool) or not (isinstance(low, (int, float))
                                                                and isinstance(high, (int, float)) and low < high):
         raise BranchifyError(f"criterion {name!r}: the score range needs low < high, got low={low!r}, high={high!r}")
-    crit = Criterion(name, score_fn, exits_when, low=float(low), high=float(high))
-    _REGISTRY[name] = crit
-    return crit
+    if high_of_classes is not None and not callable(high_of_classes):
+        raise BranchifyError(f"high_of_classes for criterion {name!r} must be callable (classes -> upper end), "
+                             f"got {high_of_classes!r}")
+    crit = Criterion(name, score_fn, exits_when, low=float(low), high=float(high), high_of_classes=high_of_classes)
+    return _registry.add(_REGISTRY, name, crit, what="criterion", builtin=_BUILTIN, replace=replace)
 
 
 def registered_criteria() -> list[str]:
@@ -147,7 +200,7 @@ def get_criterion(name: str) -> Criterion:
 
 
 _BUILTIN = {
-    "entropy": Criterion("entropy", _entropy, "below", low=0.0),
+    "entropy": Criterion("entropy", _entropy, "below", low=0.0, high_of_classes=math.log),
     "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0),
     "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0),
     "distiller": Criterion("distiller", _distiller, "below", needs_labels=True, low=0.0),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import Permute
 
+from . import _registry
 from ._propagate import fake_mode
 from ._trace import eval_mode
 from .errors import BranchifyError
@@ -91,13 +92,15 @@ def masked(head: nn.Module) -> MaskedPoolHead | None:
     return None
 
 
-def register_head(kind: str, factory: HeadFactory | None = None, *, fields: Iterable[str] = ("options",)):
+def register_head(kind: str, factory: HeadFactory | None = None, *, fields: Iterable[str] = ("options",),
+                  replace: bool = False):
     """Register a head kind by name (usable as ``HeadSpec(kind=...)``); works as a decorator.
 
     The factory is called as ``factory(shape=..., layout=..., num_classes=..., spec=...)`` where
     ``shape`` is the exit point's shape without the batch dim, and returns an ``nn.Module`` mapping
     ``(B, *shape)`` to ``(B, num_classes)``. ``fields`` are the ``HeadSpec`` fields the kind reads
     (default: its free-form ``options``); a spec of this kind that sets another field is refused.
+    A kind already registered is refused unless ``replace=True``; built-in kinds are never replaced.
 
     >>> import torch, branchify as bx
     >>> @bx.register_head("first_channel_linear")
@@ -116,7 +119,7 @@ def register_head(kind: str, factory: HeadFactory | None = None, *, fields: Iter
     def add(fn: HeadFactory) -> HeadFactory:
         if not callable(fn):
             raise BranchifyError(f"head factory for {kind!r} must be callable, got {fn!r}")
-        _REGISTRY[kind] = HeadKind(kind, fields, fn)
+        _registry.add(_REGISTRY, kind, HeadKind(kind, fields, fn), what="head kind", builtin=_BUILTIN, replace=replace)
         return fn
 
     return add(factory) if factory is not None else add

@@ -40,9 +40,10 @@ class ExitRule:
         return self.criterion.fires(self.criterion.score(logits, target, self.temperature), self.threshold)
 
 
-def exit_rules(spec, *, deployed: bool = False) -> list[ExitRule | None]:
+def exit_rules(spec, *, deployed: bool = False, classes: int | None = None) -> list[ExitRule | None]:
     """The rule of every exit of ``spec`` (None where the exit is off); ``deployed=True`` refuses criteria that
-    read labels. A spec without any threshold cannot route and is refused."""
+    read labels; with ``classes``, thresholds outside the score range for that many classes are refused. A spec
+    without any threshold cannot route and is refused."""
     thresholds = [p.threshold for p in spec.exits]
     if all(t is None for t in thresholds):
         raise BranchifyError(
@@ -61,6 +62,8 @@ def exit_rules(spec, *, deployed: bool = False) -> list[ExitRule | None]:
                 f"exit {i} ({point.layer!r}) uses criterion {criterion.name!r}, which reads the labels (its score is "
                 "the loss against the target), and there are no labels at inference; use a label-free criterion "
                 "such as 'entropy' or 'confidence' (bx.calibrate can set its thresholds)")
+        if classes is not None:
+            criterion.check_threshold(point.threshold, f"exit {i} ({point.layer!r}): ", classes)
         rules.append(ExitRule(criterion, float(point.threshold), point.temperature))
     return rules
 
@@ -91,11 +94,16 @@ class Judge:
         self._remembers = any(r is not None and r.criterion.across_exits for r in self.rules)
         self._prediction: torch.Tensor | None = None
         self._streak: torch.Tensor | None = None
+        self._checked: set[tuple[int, int]] = set()
 
     def fires(self, i: int, logits: torch.Tensor) -> torch.Tensor:
         rule = self.rules[i]
         if rule is None:
             raise BranchifyError(f"exit {i} is off (no threshold); it is never judged")
+        classes = int(logits.shape[-1])
+        if (i, classes) not in self._checked:  # a range that depends on the classes is known only now
+            rule.criterion.check_threshold(rule.threshold, f"exit {i}: ", classes)
+            self._checked.add((i, classes))
         streak = None
         if self._remembers:
             prediction = logits.argmax(dim=-1)
@@ -132,7 +140,7 @@ def route(spec, exit_logits: Sequence[torch.Tensor], target: torch.Tensor | None
     >>> route(spec, [torch.tensor([[9.0, 0.0], [0.0, 0.0]])]).tolist()
     [0, 1]
     """
-    rules = exit_rules(spec)
+    rules = exit_rules(spec, classes=int(exit_logits[0].shape[-1]) if len(exit_logits) else None)
     if len(exit_logits) != len(rules):
         raise BranchifyError(f"{len(exit_logits)} exit outputs for a spec with {len(rules)} exits")
     judge = Judge(rules, target)

@@ -201,9 +201,7 @@ class ExitSpec(_SpecModel):
         if given and len(given) != len(self.exits):
             missing = [f"exit {i} ({p.layer!r})" for i, p in enumerate(self.exits) if p.weight is None]
             raise BranchifyError(f"weights must be given for all exits or for none; missing for {', '.join(missing)}")
-        for i, point in enumerate(self.exits):
-            if point.threshold is not None:
-                get_criterion(self.criterion_of(i)).check_threshold(point.threshold, f"exit {i} ({point.layer!r}): ")
+        self.check_thresholds()
         weights = self.weights
         if weights is not None and not math.fsum(weights) < 1:
             parts = " + ".join(f"{w:g} (exit {i}, {p.layer!r})" for i, (w, p) in enumerate(zip(weights, self.exits)))
@@ -281,6 +279,16 @@ class ExitSpec(_SpecModel):
         except SpecError as err:
             raise SpecError(f"{str(file)!r}: {err}", err.errors) from None
 
+    def check_thresholds(self, classes: int | None = None) -> ExitSpec:
+        """This spec, if every threshold lies in its criterion's score range (for ``classes`` classes when given:
+        entropy's range ends at ``log C``); a threshold at which an exit never fires, or fires for every
+        sample whatever it is, is refused with the range."""
+        for i, point in enumerate(self.exits):
+            if point.threshold is not None:
+                get_criterion(self.criterion_of(i)).check_threshold(point.threshold, f"exit {i} ({point.layer!r}): ",
+                                                                    classes)
+        return self
+
     def check_order(self, ranks: Sequence[int], runs: str) -> None:
         """Refuse exits listed in another order than the model reaches them (``ranks``: each exit's place in
         ``runs``, e.g. "graph order"): the outputs come back in the spec's order, so none may be moved."""
@@ -319,7 +327,11 @@ def spec_attribute(order: str) -> property:
 
     def set_(module, spec: ExitSpec) -> None:
         built = module.__dict__.get("_exit_spec")
-        module.__dict__["_exit_spec"] = spec if built is None else ExitSpec.check_replaces(spec, built)
+        spec = spec if built is None else ExitSpec.check_replaces(spec, built)
+        classes = module.__dict__.get("num_classes")
+        if isinstance(classes, int):  # unset while the module is built: its first routing checks then
+            spec.check_thresholds(classes)
+        module.__dict__["_exit_spec"] = spec
 
     return property(get, set_, doc=f"The spec, exits in {order}; assign a new one to change thresholds, "
                                    "weights or criteria.")

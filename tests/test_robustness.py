@@ -72,3 +72,88 @@ def test_fit_names_the_exit_whose_logits_went_non_finite():
         bx.fit(module, loader, epochs=1, progress=False)
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's statistics were not poisoned either
+
+
+# --- thresholds outside the criterion's score range (issue 21, item 7) ---------------------------------
+
+
+@pytest.mark.parametrize(("criterion", "threshold"), [("entropy", -1.0), ("entropy", 0.0), ("confidence", 1.5),
+                                                     ("margin", 2.0), ("confidence", -0.5), ("distiller", -3.0)])
+def test_a_threshold_outside_the_score_range_is_refused_when_the_spec_is_made(criterion, threshold):
+    with pytest.raises(bx.SpecError, match=r"scores lie in \[0, (1|inf)\], so at threshold"):
+        bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=threshold)], criterion=criterion)
+
+
+def test_an_entropy_threshold_past_log_c_is_refused_once_the_classes_are_known():
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="2", threshold=2.0)])  # log 4 = 1.386: every sample would leave
+    module = bx.attach_exits(_mlp(classes=4), bx.ExitSpec(exits=[bx.ExitPoint(layer="2")]), torch.randn(2, 8))
+    with pytest.raises(bx.BranchifyError, match=r"scores lie in \[0, 1.38629\] for 4 classes"):
+        module.exit_spec = spec
+    outputs = module.eval()(torch.randn(3, 8))
+    with pytest.raises(bx.BranchifyError, match=r"for 4 classes"):
+        bx.ExitStats(spec).update(outputs, torch.tensor([0, 1, 2]))
+    with pytest.raises(bx.BranchifyError, match=r"for 4 classes"):
+        bx.routing.route(spec, outputs[:1])
+    # the same threshold is in range for 10 classes (log 10 = 2.30), and routes exactly as the rule says
+    wide = bx.attach_exits(_mlp(classes=10), bx.ExitSpec(exits=[bx.ExitPoint(layer="2")]), torch.randn(2, 8)).eval()
+    wide.exit_spec = spec
+    z = wide(torch.randn(5, 8))
+    entropy = -(F.softmax(z[0], -1) * F.log_softmax(z[0], -1)).sum(-1)
+    assert bx.routing.route(spec, z[:1]).tolist() == [0 if e < 2.0 else 1 for e in entropy.tolist()]
+
+
+def test_calibrated_thresholds_stay_inside_the_range_they_are_checked_against():
+    torch.manual_seed(0)
+    module = bx.attach_exits(_mlp(), bx.ExitSpec(exits=[bx.ExitPoint(layer="2"), bx.ExitPoint(layer="4")]),
+                             torch.randn(2, 8))
+    cal = bx.calibrate(module, _loader(64), mac_budget=0.5, guarantee=False, progress=False)  # the "always" rungs
+    assert cal.spec.thresholds is not None
+    module.exit_spec = cal.spec  # accepted, with the classes known
+    runner = bx.ExitRunner(module.eval())
+    assert runner(torch.randn(4, 8)).logits.shape == (4, 4)
+
+
+def test_a_registered_criterion_declares_its_range_and_is_held_to_it():
+    name = "robustness_top_logit"
+    bx.register_criterion(name, lambda z: z.amax(dim=-1), exits_when="above", low=0.0, high=10.0)
+    try:
+        with pytest.raises(bx.SpecError, match=r"scores lie in \[0, 10\]"):
+            bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=11.0)], criterion=name)
+        assert bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=5.0)], criterion=name).thresholds == [5.0]
+    finally:
+        bx.criteria._REGISTRY.pop(name)
+
+
+# --- registries (issue 23) ----------------------------------------------------------------------------
+
+
+def test_a_second_registration_of_a_criterion_is_refused_unless_replace():
+    name = "robustness_twice"
+    first = bx.register_criterion(name, lambda z: z.amax(dim=-1), exits_when="above")
+    try:
+        with pytest.raises(bx.BranchifyError, match=r"criterion 'robustness_twice' is already registered; pass "
+                                                    r"replace=True"):
+            bx.register_criterion(name, lambda z: -z.amax(dim=-1), exits_when="above")
+        assert bx.criteria.get_criterion(name) is first
+        second = bx.register_criterion(name, lambda z: -z.amax(dim=-1), exits_when="above", replace=True)
+        assert bx.criteria.get_criterion(name) is second
+    finally:
+        bx.criteria._REGISTRY.pop(name)
+
+
+def test_a_second_registration_of_a_head_kind_is_refused_unless_replace():
+    from branchify import heads
+
+    kind = "robustness_head"
+
+    def make(shape, layout, num_classes, spec):
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    bx.register_head(kind, make)
+    try:
+        with pytest.raises(bx.BranchifyError, match=r"head kind 'robustness_head' is already registered"):
+            bx.register_head(kind)(make)
+        assert heads.head_kind(kind).build is make
+        bx.register_head(kind, make, replace=True)
+    finally:
+        heads._REGISTRY.pop(kind)

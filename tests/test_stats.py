@@ -120,9 +120,12 @@ def _run(stats, batches):
 
 @pytest.mark.parametrize("classes", [10, 3])
 def test_the_distiller_criterion_matches_distillers_loop_exactly(classes, capsys, processing):
-    thresholds = [1.5, 0.0, 2.5] if classes == 10 else [0.4, 0.0, 0.8]  # exit 1 is never taken
+    # exit 1 is never taken: off (a threshold of 0 would be refused, as no loss is below it)
+    thresholds = [1.5, None, 2.5] if classes == 10 else [0.4, None, 0.8]
     batches = random_batches(3, classes)
-    lines, taken, accuracy, totals, closest = oracle(batches, [below(cross_entropy, t) for t in thresholds])
+    rules = [below(cross_entropy, t) if t is not None else (lambda row, label: (float("inf"), False))
+             for t in thresholds]
+    lines, taken, accuracy, totals, closest = oracle(batches, rules)
     assert closest > 1e-5 and taken[0] > 0 and taken[1] == 0 and taken[2] > 0 and taken[3] > 0
     with pytest.warns(UserWarning, match="'distiller'.*with the answer in hand.*'entropy'"):
         stats = bx.ExitStats(_spec(thresholds, "distiller"))
@@ -168,7 +171,7 @@ def test_per_exit_temperature_and_criterion_are_used_for_routing(processing):
 
 
 def test_a_sample_with_nan_logits_never_leaves_early():
-    stats = bx.ExitStats(_spec([10.0]))
+    stats = bx.ExitStats(_spec([0.6]))  # below log 2, the most two classes can reach: [5, 0] fires, NaN does not
     exit0 = torch.tensor([[float("nan"), 0.0], [5.0, 0.0]])
     stats.update((exit0, torch.tensor([[0.0, 1.0], [0.0, 1.0]])), torch.tensor([1, 0]))
     assert [row.taken for row in stats.summary().exits] == [1, 1]
