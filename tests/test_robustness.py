@@ -157,3 +157,29 @@ def test_a_second_registration_of_a_head_kind_is_refused_unless_replace():
         bx.register_head(kind, make, replace=True)
     finally:
         heads._REGISTRY.pop(kind)
+
+
+# --- "off" means one thing (issue 23) ------------------------------------------------------------------
+
+
+def _wrong_heads_module():
+    """Exit heads that are sure and wrong: no early exit can be certified."""
+    torch.manual_seed(0)
+    model = _mlp()
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="2"), bx.ExitPoint(layer="4")]),
+                             torch.randn(2, 8)).eval()
+    return module
+
+
+def test_a_calibration_that_certifies_nothing_is_not_met_and_its_costs_follow_the_spec_rule():
+    module = _wrong_heads_module()
+    loader = _loader(40)
+    with pytest.warns(UserWarning):
+        cal = bx.calibrate(module, loader, max_accuracy_drop=0.001, delta=0.05, progress=False)
+    assert cal.spec.thresholds is None and not cal.met and cal.note
+    # the costs the calibration reports for its spec are those exit_costs reports for the module with that spec
+    module.exit_spec = cal.spec
+    assert cal.costs.judged == bx.exit_costs(module, torch.randn(1, 8)).judged == cal.spec.judged
+    with pytest.raises(bx.BranchifyError, match="no exit of the spec has a threshold"):
+        bx.ExitRunner(module)  # what met=False warned of
+

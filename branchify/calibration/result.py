@@ -177,8 +177,14 @@ def routed(spec: ExitSpec, cached: Cached) -> torch.Tensor:
 
 
 def charged(spec: ExitSpec, costs: ExitCosts) -> ExitCosts:
-    """``costs`` with the heads of the exits ``spec`` switches off not charged."""
-    return costs.judging([p.threshold is not None for p in spec.exits])
+    """``costs`` with the heads ``spec`` judges charged: the spec's one rule (``ExitSpec.judged``), as everywhere."""
+    return costs.judging(spec.judged)
+
+
+NOTHING_ROUTES = (
+    "no thresholds that let samples out early could be certified, so every exit is off and the spec routes "
+    "nothing (bx.ExitRunner and routed statistics refuse it); calibrate on more samples, loosen the target or "
+    "delta, or deploy the model without exits")
 
 
 def figures(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target: Target, value: float,
@@ -204,6 +210,9 @@ def figures(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target: Target,
     if met is None:
         met = (drop <= value + 1e-12 if target == "max_accuracy_drop"
                else expected <= value * costs.original * (1 + 1e-12))
+    if spec.thresholds is None and met:
+        # every exit off is no early-exit model to deploy: the next step (a runner, routed statistics) refuses it
+        met, note = False, note or NOTHING_ROUTES
     at = torch.arange(n) if bound_on is None else bound_on
     early = int((taken[at] < k).sum())
     bounds = Bounds(delta=delta, drop=drop_upper_bound(right[at], correct[-1, at], delta),

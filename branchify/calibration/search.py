@@ -155,7 +155,9 @@ def calibrate_cached(spec: ExitSpec, cached: Cached, costs: ExitCosts, *, target
     plain = figures(spec.with_exits(threshold=thresholds), cached, costs, target=target, value=value,
                     grid=ladders, delta=delta, bound_on=None, held_out=False, guarantee=False, met=met)
     if halves is None:
-        if not met and warn:
+        if plain.spec.thresholds is None and warn:
+            warnings.warn(f"{plain.note}. The result carries met=False", UserWarning, stacklevel=3)
+        elif not met and warn:
             warn_unreachable(plain, target, value, cached, spec, costs)
         return plain
     return _certified(spec, cached, costs, scores, correct, plain, halves, target=target, value=value,
@@ -255,11 +257,12 @@ def _certified(spec: ExitSpec, cached: Cached, costs: ExitCosts, scores: list[to
     else:
         cell = min(scored, key=lambda c: (-c[2], c[1]))[0]
     chosen = result(cell, met=True)
-    if warn and target == "max_accuracy_drop" and cell == off and any(share > 0 for share in plain.shares[:-1]):
+    if warn and target == "max_accuracy_drop" and cell == off:
         warnings.warn(
             f"with delta={delta:g}, no thresholds that let samples out early could be certified to keep the "
             f"accuracy drop within {value:g} on {len(test)} held-out calibration samples, so every exit is off; "
-            "calibrate on more samples, or loosen max_accuracy_drop or delta", UserWarning, stacklevel=4)
+            "calibrate on more samples, or loosen max_accuracy_drop or delta. The result carries met=False",
+            UserWarning, stacklevel=4)
     return chosen
 
 
