@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._inputs import Inputs, bind
+from ._quantized import float_twins
 from ._trace import eval_mode
 from .errors import BranchifyError
 
@@ -55,9 +56,10 @@ class NodeFacts:
 
 
 class _Counting(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, twins: dict[str, torch.nn.Module]) -> None:
         super().__init__(gm)
         self.counter = counter
+        self.twins = twins  # float stand-ins for layers fake tensors cannot run (branchify._quantized)
         self.facts: dict[str, NodeFacts] = {}
         self.versions: dict[str, tuple[torch.Tensor, int]] = {}
 
@@ -72,6 +74,10 @@ class _Counting(fx.Interpreter):
             facts = NodeFacts(None, None, None, macs)
         self.facts[node.name] = facts
         return value
+
+    def call_module(self, target, args, kwargs):
+        twin = self.twins.get(str(target))
+        return super().call_module(target, args, kwargs) if twin is None else twin(*args, **kwargs)
 
     def mark_mutated(self) -> None:
         for name, (value, version) in self.versions.items():
@@ -91,10 +97,11 @@ def propagate(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, NodeFacts],
     """
     inputs = Inputs.of(example_inputs)
     values = bind(gm.graph, inputs, "example_inputs")
+    twins = float_twins(gm)
     with eval_mode(gm), fake_mode() as mode:
         fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in values)
         with FlopCounterMode(display=False) as counter:
-            interp = _Counting(gm, counter)
+            interp = _Counting(gm, counter, twins)
             try:
                 out = interp.run(*fake_inputs)
                 interp.mark_mutated()

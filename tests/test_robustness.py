@@ -183,3 +183,57 @@ def test_a_calibration_that_certifies_nothing_is_not_met_and_its_costs_follow_th
     with pytest.raises(bx.BranchifyError, match="no exit of the spec has a threshold"):
         bx.ExitRunner(module)  # what met=False warned of
 
+
+
+# --- dynamic-quantized models (issue 21, item 13) -------------------------------------------------------
+
+
+def _quantized_pair():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    with pytest.warns(Warning):  # torch deprecates torch.ao; the models users bring still use it
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    return model, quantized  # model stays float: quantize_dynamic copies
+
+
+def _macs(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("capture", ["auto", "hooks"])
+def test_a_dynamic_quantized_model_is_counted_as_its_float_twin_and_runs(capture):
+    model, quantized = _quantized_pair()
+    x = torch.randn(1, 16)
+    original = _macs(lambda: model(x))
+    up_to_exit = _macs(lambda: model[:2](x))  # the float twin up to the exit after "1"
+    points = {p.name: p for p in bx.list_exit_points(quantized, x, capture=capture)}
+    assert points["1"].macs == pytest.approx(up_to_exit)
+    module = bx.attach_exits(quantized, bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=1.0)]), x,
+                             capture=capture).eval()
+    costs = bx.exit_costs(module, x)
+    head = module.exit_heads[0]
+    assert costs.original == pytest.approx(original)
+    assert costs.backbone[0] == pytest.approx(up_to_exit)
+    assert costs.heads[0] == pytest.approx(_macs(lambda: head(torch.randn(1, 32))))
+    batch = torch.randn(8, 16)
+    with torch.no_grad():
+        assert torch.equal(module(batch)[-1], quantized(batch))  # the int8 model runs, not its twin
+        z = module(batch)[0]
+        ordered = (-(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)).sort().values.tolist()
+        gap, cut = max((b - a, (a + b) / 2) for a, b in zip(ordered[2:5], ordered[3:6]))  # some leave, some go on
+        threshold = cut
+        module.exit_spec = module.exit_spec.with_exits(threshold=[threshold])
+        result = bx.ExitRunner(module)(batch)
+        assert 0 < int((result.exit_index == 0).sum()) < len(batch)
+        # Dynamic quantization scales activations by the batch's range, so a sample's logits depend on its
+        # batch (in the model itself); the per-sample loop agrees to int8 precision, and on where samples leave.
+        for i in range(len(batch)):
+            exit_logits, final = module(batch[i:i + 1])
+            entropy = float(-(F.softmax(exit_logits, -1) * F.log_softmax(exit_logits, -1)).sum())
+            assert abs(entropy - threshold) > gap / 4, "too close to the threshold to compare at int8 precision"
+            assert int(result.exit_index[i]) == (0 if entropy < threshold else 1)
+            assert torch.allclose(result.logits[i], (exit_logits if entropy < threshold else final)[0], atol=0.02)
