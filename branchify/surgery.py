@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _assign_attr
 
 from ._inputs import Inputs
+from ._sharing import note_built_on
 from ._trace import QUALNAME, ancestors, final_output_nodes
 from .capture import capture as capture_graphs
 from .errors import BranchifyError
@@ -211,7 +212,7 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
                 f"{type(model).__name__} cannot be captured as a graph ({traced}); attaching exits with forward hooks "
                 "instead. Exits must then name modules, and the runtime cannot drop samples inside the forward",
                 stacklevel=2)
-        return _recorded(attach_exits_with_hooks(model, spec, inputs, reason=traced, output=output), inputs)
+        return _recorded(attach_exits_with_hooks(model, spec, inputs, reason=traced, output=output), inputs, model)
     analysis = Analysis(traced, inputs)
     num_classes = _num_classes(analysis.output)
 
@@ -280,13 +281,15 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
                 root[node.target] = traced.attr(node.target, training)
     return _recorded(ExitModule(root, graphs, exit_spec=exit_spec, exit_points=points, num_classes=num_classes,
                                 training=model.training, exit_path=traced.path,
-                                keyword_inputs=bool(inputs.kwargs) and not inputs.args), inputs)
+                                keyword_inputs=bool(inputs.kwargs) and not inputs.args), inputs, model)
 
 
-def _recorded(module: nn.Module, inputs: Inputs) -> nn.Module:
+def _recorded(module: nn.Module, inputs: Inputs, model: nn.Module) -> nn.Module:
     """``module`` remembering what its example inputs looked like (one sample), so that ``bx.save`` can record
-    it and ``bx.load`` rebuild the module without being given an example."""
+    it and ``bx.load`` rebuild the module without being given an example; built on ``model`` (whose modes it
+    shares: ``branchify._sharing``)."""
     module.example_record = inputs.record()
+    note_built_on(model, module)
     return module
 
 

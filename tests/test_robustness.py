@@ -237,3 +237,42 @@ def test_a_dynamic_quantized_model_is_counted_as_its_float_twin_and_runs(capture
             assert abs(entropy - threshold) > gap / 4, "too close to the threshold to compare at int8 precision"
             assert int(result.exit_index[i]) == (0 if entropy < threshold else 1)
             assert torch.allclose(result.logits[i], (exit_logits if entropy < threshold else final)[0], atol=0.02)
+
+
+# --- exit modules on one model share its modes (issue 21, item 6) ---------------------------------------
+
+
+def test_two_exit_modules_on_one_model_share_its_modes_and_the_second_one_warns():
+    import warnings as w
+
+    model = _mlp().train()
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="2")])
+    a = bx.attach_exits(model, spec, torch.randn(2, 8))
+    with pytest.warns(UserWarning, match=r"already backs another exit module.*copy.deepcopy\(model\)"):
+        b = bx.attach_exits(model, spec, torch.randn(2, 8))
+    a.train(), b.train()
+    a.eval()  # the documented rule: the layers' flags are shared, so b's BatchNorm and the model's switch too
+    assert not model[1].training and not b.get_submodule("1").training
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(b(x)[-1], model.eval()(x))  # b runs with the eval-mode BatchNorm: the same output
+    # the way out the warning names: each on its own copy, modes apart
+    with w.catch_warnings():
+        w.simplefilter("error")
+        c = bx.attach_exits(copy.deepcopy(model), spec, torch.randn(2, 8))
+        d = bx.attach_exits(copy.deepcopy(model), spec, torch.randn(2, 8))
+    c.train(), d.train()
+    c.eval()
+    assert d.get_submodule("1").training and not c.get_submodule("1").training
+
+
+def test_a_module_built_again_after_the_first_is_gone_does_not_warn():
+    import warnings as w
+
+    model = _mlp()
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="2")])
+    first = bx.attach_exits(model, spec, torch.randn(2, 8))
+    del first
+    with w.catch_warnings():
+        w.simplefilter("error")
+        bx.attach_exits(model, spec, torch.randn(2, 8))
