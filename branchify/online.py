@@ -43,18 +43,19 @@ them, and ``audit_macs`` sums what the audit added over serving alone. The audit
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
 import threading
-from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .calibration.bounds import clopper_pearson_lower, clopper_pearson_upper, samples_to_certify
+from .calibration.bounds import _binom_cdf, clopper_pearson_upper, samples_to_certify
 from .cost import exit_costs
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
@@ -66,11 +67,27 @@ from .runtime.runner import ExitRunner
 from .runtime.staged import route_stages
 from .spec import ExitSpec
 
-__all__ = ["AuditTest", "OnlineCalibrator", "level_path"]
+__all__ = ["AuditTest", "OnlineCalibrator", "OnlineResult", "level_path"]
 
 _FORMAT = "branchify-online"
 _VERSION = 1
 _ALARM_SHARE = 10  # the alarm's level is delta / 10: a false alarm costs MACs, not the promise
+
+# The same counts come back at every test of a window: each figure is computed once.
+_upper = functools.lru_cache(maxsize=4096)(clopper_pearson_upper)
+_cdf = functools.lru_cache(maxsize=65536)(_binom_cdf)
+
+
+def within(x: int, n: int, value: float, alpha: float) -> bool:
+    """``clopper_pearson_upper(x, n, alpha) <= value``, without the bisection: the upper bound is the rate at
+    which ``x`` or fewer of ``n`` has probability ``alpha``, and that probability falls as the rate rises."""
+    return n > 0 and _cdf(x, n, value) <= alpha
+
+
+def beyond(x: int, n: int, value: float, alpha: float) -> bool:
+    """``clopper_pearson_lower(x, n, alpha) > value``, likewise: ``x`` or more of ``n`` is rarer than ``alpha``
+    at the rate ``value``."""
+    return x > 0 and 1.0 - _cdf(x - 1, n, value) < alpha
 
 
 def _ladder(t0: float, crit: Criterion, steps: int) -> list[float]:
@@ -128,44 +145,45 @@ class AuditTest:
         self.window, self.alarm_window = window, alarm_window
         self.level = levels - 1 if level is None else level
         self.warm = True  # the given thresholds rest on their offline calibration until the window first fills
-        self.samples: deque[torch.Tensor] = deque()
+        self.rows = torch.zeros(0, levels, dtype=torch.bool)
         self.counts = torch.zeros(levels, dtype=torch.int64)
 
     @property
     def n(self) -> int:
-        return len(self.samples)
+        return self.rows.shape[0]
 
     def upper(self, level: int) -> float:
         """Clopper-Pearson upper bound (level ``delta``) on ``level``'s disagreement over the window."""
         if level == 0:
             return 0.0  # every exit off serves the original model's answers
-        return clopper_pearson_upper(int(self.counts[level]), self.n, self.delta) if self.n else 1.0
+        return _upper(int(self.counts[level]), self.n, self.delta) if self.n else 1.0
+
+    def passes(self, level: int, value: float | None = None) -> bool:
+        """Is ``upper(level)`` at most ``value`` (default: the target)?"""
+        value = self.target if value is None else value
+        return level == 0 or within(int(self.counts[level]), self.n, value, self.delta)
 
     def certified(self) -> int:
         """The highest level the fixed-sequence test passes (0 always passes)."""
         chosen = 0
         for level in range(1, self.levels):
-            if self.upper(level) > self.target:
+            if not self.passes(level):
                 break
             chosen = level
         return chosen
 
     def _alarm(self) -> bool:
-        recent = list(self.samples)[-self.alarm_window:]
-        if self.level == 0 or len(recent) < self.alarm_window:
+        if self.level == 0 or self.n < self.alarm_window:
             return False
-        x = int(sum(int(s[self.level]) for s in recent))
-        return clopper_pearson_lower(x, len(recent), self.delta / _ALARM_SHARE) > self.target
+        x = int(self.rows[-self.alarm_window:, self.level].sum())
+        return beyond(x, self.alarm_window, self.target, self.delta / _ALARM_SHARE)
 
     def add(self, disagree: torch.Tensor) -> tuple[int, str | None]:
         before = self.level
-        for row in disagree.to(torch.bool).cpu():
-            self.samples.append(row)
-            self.counts += row.long()
-            if len(self.samples) > self.window:
-                self.counts -= self.samples.popleft().long()
+        self.rows = torch.cat([self.rows, disagree.to(torch.bool).cpu()])[-self.window:]
+        self.counts = self.rows.sum(0, dtype=torch.int64)
         if self._alarm():
-            self.samples.clear()
+            self.rows = self.rows[:0]
             self.counts.zero_()
             self.level, self.warm = 0, False
             return 0, "drift alarm"
@@ -181,18 +199,16 @@ class AuditTest:
         return chosen, "bound above the target" if chosen < before else "bound certifies a looser level"
 
     def state(self) -> dict:
-        rows = torch.stack(list(self.samples)) if self.samples else torch.zeros(0, self.levels, dtype=torch.bool)
-        packed = np.packbits(rows.numpy().astype(np.uint8), axis=None).tobytes()
-        return {"level": self.level, "warm": self.warm, "rows": len(self.samples),
+        packed = np.packbits(self.rows.numpy().astype(np.uint8), axis=None).tobytes()
+        return {"level": self.level, "warm": self.warm, "rows": self.n,
                 "samples": base64.b64encode(packed).decode("ascii")}
 
     def restore(self, state: dict) -> None:
         self.level, self.warm = int(state["level"]), bool(state["warm"])
         count = int(state["rows"]) * self.levels
         bits = np.unpackbits(np.frombuffer(base64.b64decode(state["samples"]), dtype=np.uint8))[:count]
-        rows = torch.from_numpy(bits.astype(bool)).reshape(-1, self.levels)
-        self.samples = deque(rows.unbind(0)) if len(rows) else deque()
-        self.counts = rows.sum(0, dtype=torch.int64) if len(rows) else torch.zeros(self.levels, dtype=torch.int64)
+        self.rows = torch.from_numpy(bits.astype(bool)).reshape(-1, self.levels)
+        self.counts = self.rows.sum(0, dtype=torch.int64)
 
 
 def _fraction(name: str, value, hint: str, *, closed: bool = False) -> float:
@@ -280,14 +296,23 @@ class _Onnx:
         return [by_exit.get(i, final) for i in range(k)] + [final]
 
 
+@dataclass(frozen=True)
+class OnlineResult(ExitResult):
+    """An ``ExitResult`` that also says which samples the audit ran through the whole model (``audited``,
+    ``(B,)`` bool); their ``macs`` include the audit."""
+
+    audited: torch.Tensor | None = None
+
+
 class OnlineCalibrator:
     """Serve like ``runner`` while keeping the served answers' disagreement with the original model within
     ``max_disagreement``, re-tuning thresholds from an audit stream (no labels).
 
-    ``online(batch)`` returns an ``ExitResult``; a random ``audit_rate`` share of the samples runs the whole
-    model too (their MACs in the result include it). The thresholds are tightened as soon as the
-    Clopper-Pearson bound (level ``delta``) on the last ``window`` audited samples crosses the target (up to
-    every exit off), and loosened only to thresholds the bound certifies, never past those the runner started
+    ``online(batch)`` returns an ``OnlineResult`` (an ``ExitResult`` with the ``audited`` mask); a random
+    ``audit_rate`` share of the samples runs the whole model too (their MACs in the result include it). The
+    thresholds are tightened as soon as the Clopper-Pearson bound (level ``delta``) on the last ``window``
+    audited samples crosses the target (up to every exit off), and loosened only to thresholds the bound
+    certifies, never past those the runner started
     with. The guarantee and its assumptions are in ``branchify.online``'s text. ``onnx=path`` serves the
     runner's routed ONNX file (``runner.export_onnx(path)``) and re-tunes its threshold initializers in the
     file. State: ``spec``, ``bound``, ``audited``, ``history``, ``audit_macs``; ``save``/``load``. Calls may
@@ -427,7 +452,7 @@ class OnlineCalibrator:
         out = module(**dict(zip(names, inputs))) if names else module(*inputs)
         return [z.float() for z in out]
 
-    def __call__(self, *args, **kwargs) -> ExitResult:
+    def __call__(self, *args, **kwargs) -> OnlineResult:
         runner = self.runner
         if self._onnx is None and runner._module.training:
             raise BranchifyError("the module is in training mode; call module.eval() before serving")
@@ -480,9 +505,9 @@ class OnlineCalibrator:
                 if after != before:
                     self._changed(before, after, reason)
                 top = self._test.level == len(self.path) - 1 and not self._test.warm
-                self._rate = self.min_audit_rate if top and self._test.upper(self._test.level) \
-                    <= self.max_disagreement / 2 else self.audit_rate
-        return ExitResult(logits, exit_index, macs)
+                far = top and self._test.passes(self._test.level, self.max_disagreement / 2)
+                self._rate = self.min_audit_rate if far else self.audit_rate
+        return OnlineResult(logits, exit_index, macs, audit)
 
     def _changed(self, before: int, after: int, reason: str | None) -> None:
         """Record a change of level (the lock is held) and re-tune the ONNX file."""
