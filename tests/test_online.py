@@ -258,3 +258,24 @@ def test_the_tests_shortcuts_agree_with_the_clopper_pearson_bounds():
         for value in (0.01, 0.03, 0.05):
             assert within(x, n, value, 0.1) == (clopper_pearson_upper(x, n, 0.1) <= value)
             assert beyond(x, n, value, 0.01) == (clopper_pearson_lower(x, n, 0.01) > value)
+
+
+@pytest.mark.slow  # starts a LitServe server (a few seconds) and sends it a bounded load on 127.0.0.1
+def test_example_server_answers_a_bounded_loopback_load():
+    pytest.importorskip("litserve")
+    import importlib.util
+    from pathlib import Path
+
+    from sklearn.datasets import load_digits
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "serve" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    figures = load_test.run(requests=60, threads=4, deadline=120.0)
+    assert figures["requests"] == 60
+    images = load_digits().images
+    assert all(set(a) == {"label", "exit", "audited"} and 0 <= a["label"] < 10 and a["exit"] in (0, 1)
+               for a in figures["answers"])
+    assert 0 < figures["audited"] < 60 and len(images) > 60
+    assert figures["saved"] is not None and figures["saved"]["format"] == "branchify-online"
