@@ -312,11 +312,11 @@ class OnlineCalibrator:
     ``audit_rate`` share of the samples runs the whole model too (their MACs in the result include it). The
     thresholds are tightened as soon as the Clopper-Pearson bound (level ``delta``) on the last ``window``
     audited samples crosses the target (up to every exit off), and loosened only to thresholds the bound
-    certifies, never past those the runner started
-    with. The guarantee and its assumptions are in ``branchify.online``'s text. ``onnx=path`` serves the
-    runner's routed ONNX file (``runner.export_onnx(path)``) and re-tunes its threshold initializers in the
-    file. State: ``spec``, ``bound``, ``audited``, ``history``, ``audit_macs``; ``save``/``load``. Calls may
-    come from several threads.
+    certifies, never past those the runner started with. The guarantee and its assumptions are in
+    ``branchify.online``'s text. ``onnx=path`` serves the runner's routed ONNX file
+    (``runner.export_onnx(path)``) and re-tunes its threshold initializers in the file. State: ``spec``,
+    ``bound``, ``audited``, ``history``, ``audit_macs``, ``report()``; ``save``/``load``. Calls may come from
+    several threads. The calibrator reads the runner's spec once, at construction.
 
     >>> import torch, branchify as bx
     >>> _ = torch.manual_seed(0)
