@@ -16,6 +16,7 @@ from .freeze import freeze_backbone, unfreeze_backbone
 from .heads import register_head
 from .layout import Layout
 from .loss import EarlyExitLoss
+from .online import OnlineCalibrator
 from .placement import SweepResult, sweep
 from .points import ExitPointInfo, list_exit_points
 from .runtime import ExitResult, ExitRunner
@@ -44,6 +45,7 @@ __all__ = [
     "FitHistory",
     "FitStep",
     "HeadSpec",
+    "OnlineCalibrator",
     "Layout",
     "SpecError",
     "SweepResult",
