@@ -1,4 +1,4 @@
-"""Self-speculative greedy decoding from an LM exit (``bx.generate``): draft with the first layers, verify with the rest.
+"""Self-speculative greedy decoding from an LM exit (``bx.generate``): draft with the first layers, verify.
 
 Each step, the first ``k`` decoder layers (up to the exit) and the exit's head draft ``draft_tokens`` tokens one at
 a time; the remaining layers then run once on the drafted block, starting from the hidden states the draft already
@@ -152,8 +152,8 @@ def _checked(module, input_ids, attention_mask, max_new_tokens, draft_exit, draf
 
 @torch.no_grad()
 def generate(module: LMExitModule, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int, draft_exit: int = 0, draft_tokens: int = 4, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None) -> GenerateResult:
+             max_new_tokens: int, draft_exit: int = 0, draft_tokens: int = 4,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> GenerateResult:
     """Greedy generation with self-speculative decoding from exit ``draft_exit``; the model's greedy output.
 
     ``sequences`` equals ``module.model.generate(input_ids, attention_mask=..., max_new_tokens=...,

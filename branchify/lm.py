@@ -14,19 +14,23 @@ the adapters; ``bx.generate`` drafts with them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ._inputs import Inputs
 from .errors import BranchifyError
 from .exits import ExitPointInfo, Exits
 from .heads import register_head
 from .layout import Layout
 from .spec import ExitSpec, spec_attribute
 
-__all__ = ["LMExitModule", "LMHead", "attach_lm_exits", "decoder_of"]
+__all__ = ["LMExitModule", "LMHead", "attach_lm_exits", "decoder_of", "distill_agreement", "distill_loss",
+           "token_batch"]
 
 ADAPTERS = ("linear", "none")
 
@@ -197,3 +201,65 @@ def attach_lm_exits(model: nn.Module, spec: ExitSpec) -> LMExitModule:
         points.append(ExitPointInfo(point.layer, point.layer, (hidden,), Layout.NLC, 0.0, depth / len(paths)))
     spec.check_order(depths, "decoder depth")
     return LMExitModule(model, heads, exit_spec=spec, exit_points=points, exit_depths=depths)
+
+
+def token_batch(batch) -> tuple[Inputs, torch.Tensor]:
+    """A text loader's batch as ``(inputs, token mask)``: token ids, an ``(input_ids, attention_mask)`` pair, or a
+    dict with ``input_ids`` (and ``attention_mask``); any ``labels`` are ignored (distillation needs none)."""
+    if isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    elif isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):
+        ids = batch[0]
+        mask = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) and batch[1].shape == ids.shape \
+            else None
+    else:
+        raise BranchifyError(
+            f"mode='distill' reads batches of token ids: a (batch, length) tensor, an (input_ids, attention_mask) "
+            f"pair or a dict with 'input_ids'; got a {type(batch).__name__}")
+    if ids.ndim != 2 or ids.dtype != torch.long:
+        raise BranchifyError(
+            f"mode='distill' needs (batch, length) int64 token ids, got {tuple(ids.shape)} {ids.dtype}")
+    mask = torch.ones_like(ids) if mask is None else mask
+    return Inputs((), {"input_ids": ids, "attention_mask": mask}), mask.float()
+
+
+def distill_loss(num_exits: int):
+    """The distillation loss: per exit, KL(model || exit) of the next-token distributions, averaged over real tokens
+    (``target`` is the token mask), summed over exits (their adapters are disjoint)."""
+
+    def loss(outputs, target: torch.Tensor) -> torch.Tensor:
+        teacher = F.log_softmax(outputs[-1].detach().float(), dim=-1)
+        weights = target.float()
+        total = 0.0
+        for z in outputs[:num_exits]:
+            kl = F.kl_div(F.log_softmax(z.float(), dim=-1), teacher, log_target=True, reduction="none").sum(-1)
+            total = total + (kl * weights).sum() / weights.sum().clamp(min=1)
+        return total  # type: ignore[return-value]
+
+    return loss
+
+
+def distill_agreement(module: nn.Module, loader, device: torch.device) -> tuple[float, ...]:
+    """Each exit's share of real tokens whose greedy choice is the model's (the final one's is 1), over ``loader``:
+    the draft's acceptance rate at one drafted token."""
+    agree: list[float] = []
+    tokens = 0.0
+    with torch.no_grad():
+        was = module.training
+        module.eval()
+        try:
+            for batch in loader:
+                inputs, mask = token_batch(batch)
+                outputs = inputs.map(lambda x: x.to(device)).call(module)
+                mask = mask.to(device)
+                final = outputs[-1].argmax(-1)
+                row = [float(((z.argmax(-1) == final).float() * mask).sum()) for z in outputs]
+                agree = row if not agree else [a + b for a, b in zip(agree, row)]
+                tokens += float(mask.sum())
+        finally:
+            module.train(was)
+    if not tokens:
+        raise BranchifyError("the validation loader yielded no tokens; give it text, or pass val_loader=None")
+    return tuple(a / tokens for a in agree)
