@@ -122,6 +122,25 @@ def _eos_set(eos_token_id, model: nn.Module) -> set[int]:
     return set(ids)
 
 
+# generation-config settings under which HF's greedy generate is no longer the argmax of the logits, with the value
+# that means "off"; bx.generate applies none of them, so it refuses rather than differ silently
+_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+               "min_new_tokens": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "num_beams": 1}
+
+
+def _check_generation_config(model: nn.Module) -> None:
+    config = getattr(model, "generation_config", None)
+    found = {name: getattr(config, name, None) for name in _PROCESSORS}
+    changed = {name: value for name, value in found.items() if value not in (None, _PROCESSORS[name])}
+    if changed:
+        name = next(iter(changed))
+        raise BranchifyError(
+            f"the model's generation_config sets {', '.join(f'{k}={v!r}' for k, v in changed.items())}, which change "
+            f"HF's greedy choice, and bx.generate applies none of them (its output is the argmax of the logits); "
+            f"unset them (model.generation_config.{name} = None) to decode greedily")
+
+
 def _checked(module, input_ids, attention_mask, max_new_tokens, draft_exit, draft_tokens):
     if not isinstance(module, LMExitModule):
         raise BranchifyError(
@@ -176,6 +195,7 @@ def generate(module: LMExitModule, input_ids: torch.Tensor, attention_mask: torc
     """
     mask = _checked(module, input_ids, attention_mask, max_new_tokens, draft_exit, draft_tokens)
     model = module.model
+    _check_generation_config(model)
     decoder = decoder_of(model)
     head = module.exit_heads[draft_exit]
     k, n_layers = module.exit_depths[draft_exit], len(decoder.layers)

@@ -200,3 +200,12 @@ def test_refusals():
     with pytest.raises(bx.BranchifyError, match="adapter"):
         attach_lm_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.1", head=bx.HeadSpec(
             kind="lm", options={"adapter": "mlp"}))]))
+
+
+def test_generation_config_that_changes_greedy_choices_is_refused():
+    # HF's greedy generate applies a repetition penalty from the config; bx.generate would silently differ
+    model, module = _module("gpt2")
+    ids, mask = _prompts(1)
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(bx.BranchifyError, match="repetition_penalty=1.3"):
+        bx.generate(module, ids, mask, max_new_tokens=12)
