@@ -62,7 +62,7 @@ def test_lm_exit_final_is_the_models_logits_and_exit_reads_its_layer(family):
     torch.testing.assert_close(exit_logits, model.lm_head(norm(reference.hidden_states[2])), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_generate_equals_hf_greedy_in_float64(family, batch):
     model, module = _module(family)
