@@ -13,6 +13,7 @@ from .cost import ExitCosts, exit_costs
 from .criteria import register_criterion
 from .errors import BranchifyError, SpecError
 from .freeze import freeze_backbone, unfreeze_backbone
+from .generation import GenerateResult, generate
 from .heads import register_head
 from .layout import Layout
 from .loss import EarlyExitLoss
@@ -44,6 +45,7 @@ __all__ = [
     "FitEpoch",
     "FitHistory",
     "FitStep",
+    "GenerateResult",
     "HeadSpec",
     "OnlineCalibrator",
     "Layout",
@@ -55,6 +57,7 @@ __all__ = [
     "exit_costs",
     "fit",
     "freeze_backbone",
+    "generate",
     "list_exit_points",
     "load",
     "register_criterion",

@@ -34,17 +34,19 @@ from .calibration.cache import module_device
 from .errors import BranchifyError
 from .exits import exit_module
 from .freeze import frozen_backbone
+from .lm import distill_agreement, distill_loss, token_batch
 from .loss import EarlyExitLoss
 from .stats import ExitStats
 
 __all__ = ["FitEpoch", "FitHistory", "FitStep", "fit"]
 
-Mode = Literal["joint", "heads"]
+Mode = Literal["joint", "heads", "distill"]
 Loss = Callable[[Sequence, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
+FROZEN = ("heads", "distill")  # the modes that train only the heads, on a frozen backbone in eval mode
 # Adam needs no schedule to train from scratch on small data; the heads' rate is the sweep's.
-DEFAULT_LR = {"joint": 1e-3, "heads": 3e-3}
+DEFAULT_LR = {"joint": 1e-3, "heads": 3e-3, "distill": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,11 @@ def fit(module: nn.Module, train_loader: Iterable, *, epochs: int, mode: Mode = 
     ``mode="joint"``: the backbone and the heads train together on ``bx.EarlyExitLoss(module.exit_spec)``
     (Distiller's recipe; the exits need loss weights). ``mode="heads"``: the backbone is frozen and in
     eval mode (weights and BatchNorm statistics unchanged) and only the heads train, on the sum of
-    their cross-entropies. Afterwards every ``requires_grad`` flag and train/eval mode is as before.
+    their cross-entropies. ``mode="distill"`` (LM exits from ``branchify.lm.attach_lm_exits``): the same frozen
+    backbone, and the heads' adapters learn the model's own next-token distribution (the KL divergence to the final
+    logits, per real token; no labels: batches are token ids, ``(input_ids, attention_mask)`` pairs or dicts of
+    them); its ``val_accuracy`` is each exit's greedy agreement with the model. Afterwards every ``requires_grad``
+    flag and train/eval mode is as before.
 
     ``optimizer``: a ``torch.optim.Optimizer``, or a factory ``optimizer(params)`` given the trainable
     parameters; by default ``torch.optim.Adam`` at ``lr`` (default 1e-3 joint, 3e-3 heads). ``loss``:
@@ -225,10 +231,10 @@ def fit(module: nn.Module, train_loader: Iterable, *, epochs: int, mode: Mode = 
     """
     spec = exit_module(module, "fit").exit_spec
     epochs = _checked_epochs(epochs)
-    if mode not in ("joint", "heads"):
+    if mode not in ("joint", "heads", "distill"):
         raise BranchifyError(
-            f"mode={mode!r}; use 'joint' (backbone and heads together, Distiller's loss) or 'heads' (only the "
-            "heads, on a frozen backbone)")
+            f"mode={mode!r}; use 'joint' (backbone and heads together, Distiller's loss), 'heads' (only the "
+            "heads, on a frozen backbone) or 'distill' (LM exits matching the model's own next-token distribution)")
     for name, value in (("train_loader", train_loader), ("val_loader", val_loader)):
         if value is not None and not isinstance(value, Iterable):
             raise BranchifyError(f"{name} must be an iterable of (inputs, target) batches such as a DataLoader, "
@@ -241,7 +247,7 @@ def fit(module: nn.Module, train_loader: Iterable, *, epochs: int, mode: Mode = 
     opt = _optimizer(optimizer, lr, params, mode)
     device = module_device(module)
     history = FitHistory(mode, (*spec.layers, "final"))
-    with kept_modes(module), (frozen_backbone(module) if mode == "heads" else contextlib.nullcontext()):
+    with kept_modes(module), (frozen_backbone(module) if mode in FROZEN else contextlib.nullcontext()):
         # Under torch.distributed: DistributedDataParallel, built after freezing (it synchronises the parameters
         # that require gradients when it is built); a loss of the caller's may leave some of them out.
         model, joined = data_parallel(module, find_unused_parameters=loss is not None)
@@ -250,7 +256,8 @@ def fit(module: nn.Module, train_loader: Iterable, *, epochs: int, mode: Mode = 
                 record = _epoch(module, model, train_loader, loss_fn, opt, mode=mode, epoch=epoch, epochs=epochs,
                                 device=device, on_step=on_step, progress=progress)
             if val_loader is not None:
-                record = FitEpoch(**{**asdict(record), "val_accuracy": _validate(module, val_loader, device)})
+                check = distill_agreement if mode == "distill" else _validate
+                record = FitEpoch(**{**asdict(record), "val_accuracy": check(module, val_loader, device)})
             history.epochs.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(record)
@@ -259,7 +266,7 @@ def fit(module: nn.Module, train_loader: Iterable, *, epochs: int, mode: Mode = 
 
 def _train_mode(module: nn.Module, mode: Mode) -> None:
     module.train()
-    if mode == "heads":
+    if mode in FROZEN:
         module.eval()  # the whole backbone: dropout too, so the heads learn the features they will see
         module.exit_heads.train()  # heads with dropout or normalisation train as heads
 
@@ -280,7 +287,7 @@ def _epoch(module: nn.Module, model: nn.Module, loader: Iterable, loss_fn: Loss,
     bar = tqdm(loader, total=steps, desc=f"fit ({mode}): epoch {epoch + 1}/{epochs}", disable=not progress,
                leave=False)
     for step, batch in enumerate(bar, start=1):
-        inputs, target = split_batch(batch)
+        inputs, target = token_batch(batch) if mode == "distill" else split_batch(batch)
         target = target.to(device, non_blocking=True)
         buffers.keep()  # the forward updates BatchNorm's running statistics before the loss can be checked
         outputs = inputs.map(lambda x: x.to(device, non_blocking=True)).call(model)
@@ -396,6 +403,8 @@ def _heads_loss(num_exits: int) -> Loss:
 
 
 def _default_loss(spec, mode: Mode) -> Loss:
+    if mode == "distill":
+        return distill_loss(len(spec.exits))
     if mode == "heads":
         return _heads_loss(len(spec.exits))
     try:
@@ -408,11 +417,11 @@ def _default_loss(spec, mode: Mode) -> Loss:
 
 
 def _trainable(module: nn.Module, mode: Mode) -> list[nn.Parameter]:
-    if mode == "heads":
+    if mode in FROZEN:
         params = [p for p in module.exit_heads.parameters() if p.requires_grad]
         if not params:
             raise BranchifyError(
-                f"mode='heads' trains the exit heads, but none of the {len(module.exit_heads)} head(s) has a "
+                f"mode={mode!r} trains the exit heads, but none of the {len(module.exit_heads)} head(s) has a "
                 "parameter that requires gradients; give the exits heads with weights (e.g. the default "
                 "bx.HeadSpec()) or set requires_grad_(True) on module.exit_heads")
         return params
