@@ -61,7 +61,8 @@ class GlobalPool(nn.Module):
         super().__init__()
         if token in ("cls", "last") and layout not in TOKEN_LAYOUTS:
             raise BranchifyError(
-                f"token={token!r} takes one token of a token sequence (NLC), but this exit's layout is "
+                f"token={token!r} takes the {'first' if token == 'cls' else 'last'} token of a token sequence (NLC), "
+                f"but this exit's layout is "
                 f"{layout.value}; use token='mean'")
         self.dims: list[int] = list(layout.spatial_dims)
         self.token = token
