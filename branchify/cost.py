@@ -82,12 +82,13 @@ class ExitCosts:
         return 1.0 - self.expected(shares) / self.original
 
 
-def _head_macs(head: nn.Module, shape: tuple[int, ...]) -> float:
+def _head_macs(head: nn.Module, shapes: list[tuple[int, ...]], batch: int) -> float:
+    """Per-sample MACs of ``head`` on fake inputs of the batched ``shapes`` (its input, then any mask)."""
     with fake_mode() as mode:
-        x = mode.from_tensor(torch.empty(1, *shape))
+        inputs = [mode.from_tensor(torch.empty(shape)) for shape in shapes]
         with FlopCounterMode(display=False) as counter:
-            head(x)
-    return counter.get_total_flops() / 2
+            head(*inputs)
+    return counter.get_total_flops() / 2 / batch
 
 
 def exit_costs(module: nn.Module, example_inputs) -> ExitCosts:
@@ -121,12 +122,13 @@ def graph_costs(module: nn.Module, inputs: Inputs) -> ExitCosts:
 def hook_costs(module: nn.Module, inputs: Inputs) -> ExitCosts:
     """``exit_costs`` of a hook-path module: one real forward, counted."""
     batch = inputs.check_batch("exit_costs")
-    seen: dict[int, tuple[float, tuple[int, ...]]] = {}
+    seen: dict[int, tuple[float, list[tuple[int, ...]]]] = {}
     with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
         module.run_with_hooks(  # the first call of an exit layer counts, as in the forward
-            lambda i, out: seen.setdefault(i, (counter.get_total_flops() / 2, tuple(out.shape[1:]))),
+            lambda i, out, *extras: seen.setdefault(i, (counter.get_total_flops() / 2,
+                                                        [tuple(t.shape) for t in (out, *extras)])),
             *inputs.args, **inputs.kwargs)
         total = counter.get_total_flops() / 2
     backbone = [seen[i][0] / batch for i in range(len(module.exit_heads))]
-    heads = [_head_macs(h, seen[i][1]) for i, h in enumerate(module.exit_heads)]
+    heads = [_head_macs(h, seen[i][1], batch) for i, h in enumerate(module.exit_heads)]
     return ExitCosts.of(backbone, heads, total / batch)

@@ -27,10 +27,13 @@ __all__ = ["Layout"]
 
 
 class Layout(str, enum.Enum):
-    """Where the channels are in a batched activation.
+    """Where the batch and the channels are in a batched activation.
 
-    >>> Layout.NHWC.channel_dim, Layout.NLC.spatial_dims
-    (3, (1,))
+    ``LNC`` is a sequence-first token sequence (``nn.TransformerEncoderLayer(batch_first=False)``, RNNs):
+    tokens, batch, channels.
+
+    >>> Layout.NHWC.channel_dim, Layout.NLC.spatial_dims, Layout.LNC.batch_dim
+    (3, (1,), 1)
     """
 
     NCHW = "NCHW"
@@ -38,6 +41,7 @@ class Layout(str, enum.Enum):
     NLC = "NLC"
     NCL = "NCL"
     NC = "NC"
+    LNC = "LNC"
 
     @property
     def ndim(self) -> int:
@@ -48,14 +52,27 @@ class Layout(str, enum.Enum):
         return self.value.index("C")
 
     @property
+    def batch_dim(self) -> int:
+        return self.value.index("N")
+
+    @property
     def spatial_dims(self) -> tuple[int, ...]:
         """The dims a global pool averages over (space or tokens)."""
         return tuple(i for i, c in enumerate(self.value) if c not in "NC")
 
+    def channels(self, shape: Sequence[int]) -> int:
+        """The number of channels of a per-sample ``shape`` (the batch dim left out)."""
+        return int(shape[self.channel_dim - (self.batch_dim < self.channel_dim)])
+
+    def batched(self, shape: Sequence[int], batch: int) -> tuple[int, ...]:
+        """The batched shape of ``batch`` samples of per-sample ``shape``: the batch dim put where it belongs."""
+        shape = tuple(shape)
+        return (*shape[:self.batch_dim], batch, *shape[self.batch_dim:])
+
     @classmethod
-    def from_channel_dim(cls, ndim: int, channel_dim: int) -> Layout | None:
+    def from_channel_dim(cls, ndim: int, channel_dim: int, batch_dim: int = 0) -> Layout | None:
         for layout in cls:
-            if layout.ndim == ndim and layout.channel_dim == channel_dim:
+            if layout.ndim == ndim and layout.channel_dim == channel_dim and layout.batch_dim == batch_dim:
                 return layout
         return None
 
@@ -70,7 +87,9 @@ _CHANNELS_FIRST_OPS = {
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "group_norm", "native_group_norm", "instance_norm", "local_response_norm",
 }
-_CHANNELS_LAST_OPS = {"linear", "matmul", "bilinear", "layer_norm", "native_layer_norm"}
+# addmm and mm: the linear layers of GPT-2 (transformers' Conv1D: x.view(-1, C) @ W + b)
+_CHANNELS_LAST_OPS = {"linear", "matmul", "bilinear", "layer_norm", "native_layer_norm", "addmm", "mm", "bmm",
+                      "baddbmm"}
 _CAT_OPS = {"cat", "concat", "concatenate"}
 
 
@@ -256,23 +275,81 @@ def _indexed_channel_dim(index, ndim: int, cdim: int) -> int | None:
     return None
 
 
-def layout_of(shape: Sequence[int], cdim: int | None) -> Layout | None:
-    """The layout of a batched activation whose channel dim the analysis found (None: unknown)."""
+def layout_of(shape: Sequence[int], cdim: int | None, batch_dim: int | None = 0) -> Layout | None:
+    """The layout of a batched activation whose channel dim and batch dim the analysis found (None: unknown)."""
+    if batch_dim is None:
+        return None
     if len(shape) == 2:
-        return Layout.NC
-    return None if cdim is None else Layout.from_channel_dim(len(shape), cdim)
+        return Layout.NC if batch_dim == 0 else None
+    return None if cdim is None else Layout.from_channel_dim(len(shape), cdim, batch_dim)
 
 
-def choose_layout(declared: Layout | None, inferred: Layout | None, shape, what: str) -> Layout:
-    """The declared layout (checked against the activation's rank), else the inferred one; refuses to guess."""
+def batch_dim(shapes: Sequence[Sequence[int]], batches: Sequence[int]) -> int | None:
+    """The dim of an activation that holds the batch, from its shapes at two batch sizes: the one dim that
+    changes, and is the batch size each time; None when no single dim is the batch (a flattened or a
+    batch-independent value)."""
+    first, second = (tuple(s) for s in shapes)
+    if len(first) != len(second):
+        return None
+    changed = [d for d in range(len(first)) if first[d] != second[d]]
+    if len(changed) != 1 or (first[changed[0]], second[changed[0]]) != tuple(batches):
+        return None
+    return changed[0]
+
+
+def other_batch(inputs) -> int:
+    """A batch size other than ``inputs``' that no other input dim equals, to find the batch dims with."""
+    others = {int(d) for t in inputs.tensors for d in t.shape[1:]} | {inputs.batch}
+    batch = inputs.batch + 1
+    while batch in others:
+        batch += 1
+    return batch
+
+
+def widened(inputs, batch: int):
+    """``inputs`` with their samples repeated to ``batch`` (along each tensor's batch dim, 0)."""
+    return inputs.map(lambda t: t[torch.arange(batch, device=t.device) % t.shape[0]] if t.ndim else t)
+
+
+def graph_batch_dims(gm: torch.fx.GraphModule, inputs, shapes: dict[str, tuple[int, ...]]) -> dict[str, int | None]:
+    """The batch dim of every tensor node of ``gm``, found by a second fake pass at another batch size
+    (``shapes``: each node's shape at ``inputs``' batch). A model that does not run at another batch size
+    leaves every batch dim unknown."""
+    from ._propagate import propagate
+
+    other = other_batch(inputs)
+    try:
+        facts, _ = propagate(gm, widened(inputs, other))
+    except BranchifyError:
+        return {}
+    return {name: batch_dim((shape, facts[name].shape), (inputs.batch, other)) for name, shape in shapes.items()
+            if name in facts and facts[name].shape is not None}
+
+
+def choose_layout(declared: Layout | None, inferred: Layout | None, shape, what: str,
+                  batch: int | None = 0) -> Layout:
+    """The declared layout (checked against the activation's rank and batch dim), else the inferred one;
+    refuses to guess. ``batch`` is the dim the analysis found to hold the batch (None: not found)."""
     if declared is not None:
         if declared.ndim != len(shape):
             raise BranchifyError(
                 f"{what}: declared layout {declared.value} is {declared.ndim}-D but the activation has shape "
                 f"{tuple(shape)}; declare a layout with {len(shape)} dims")
+        if batch is not None and declared.batch_dim != batch:
+            fits = [layout.value for layout in Layout if layout.ndim == len(shape) and layout.batch_dim == batch]
+            raise BranchifyError(
+                f"{what}: declared layout {declared.value} has the batch at dim {declared.batch_dim}, but the batch "
+                f"of this activation (shape {tuple(shape)}) is dim {batch}; declare "
+                f"{' or '.join(repr(f) for f in fits) or 'nothing: no head reads it'}, or pick another layer")
         return declared
+    if batch is None or not any(layout.ndim == len(shape) and layout.batch_dim == batch for layout in Layout):
+        where = "is not one dim of it" if batch is None else f"is dim {batch}"
+        raise BranchifyError(
+            f"{what}: the batch of this activation of shape {tuple(shape)} {where} (found by running the model at "
+            "two batch sizes), so no head can pool it per sample; pick a layer whose output keeps the batch in one "
+            "dim (first, or second in a sequence-first LNC token sequence)")
     if inferred is None:
-        options = [layout.value for layout in Layout if layout.ndim == len(shape)]
+        options = [layout.value for layout in Layout if layout.ndim == len(shape) and layout.batch_dim == batch]
         raise BranchifyError(
             f"{what}: cannot tell the layout of an activation of shape {tuple(shape)} from the operations that "
             "made it; "

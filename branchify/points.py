@@ -13,7 +13,7 @@ from ._trace import QUALNAME, Traced, ancestors, depends_on_input, final_output_
 from .errors import BranchifyError
 from .exits import ExitPointInfo
 from .fallback import hook_points
-from .layout import Layout, channel_dims, layout_of
+from .layout import Layout, channel_dims, graph_batch_dims, layout_of
 
 __all__ = ["ExitPointInfo", "ExitPoints", "list_exit_points"]
 
@@ -71,6 +71,7 @@ class Analysis:
         self.batch = self.inputs.batch
         shapes = {k: f.shape for k, f in self.facts.items() if f.shape is not None}
         self.cdims = channel_dims(self.graph, shapes, modules=dict(self.gm.named_modules()))
+        self.batch_dims = graph_batch_dims(self.gm, self.inputs, shapes)
         self.order = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self.outputs = final_output_nodes(self.graph)
         self.feeds_output: set[fx.Node] = set().union(*(ancestors(n) for n in self.outputs))
@@ -105,13 +106,18 @@ class Analysis:
     def layout_of(self, node: fx.Node) -> Layout | None:
         shape = self.facts[node.name].shape
         assert shape is not None
-        return layout_of(shape, self.cdims.get(node.name))
+        return layout_of(shape, self.cdims.get(node.name), self.batch_dims.get(node.name))
 
-    def info(self, name: str, node: fx.Node) -> ExitPointInfo:
+    def sample_shape(self, node: fx.Node) -> tuple[int, ...]:
+        """The node's shape without its batch dim (wherever the analysis found it; first when it did not)."""
         shape = self.facts[node.name].shape
         assert shape is not None
+        batch = self.batch_dims.get(node.name) or 0
+        return tuple(shape[:batch]) + tuple(shape[batch + 1:])
+
+    def info(self, name: str, node: fx.Node) -> ExitPointInfo:
         macs = self.cumulative_macs[node.name] / self.batch
-        return ExitPointInfo(name=name, node=node.meta.get(QUALNAME, node.name), shape=tuple(shape[1:]),
+        return ExitPointInfo(name=name, node=node.meta.get(QUALNAME, node.name), shape=self.sample_shape(node),
                              layout=self.layout_of(node), macs=macs,
                              macs_fraction=macs * self.batch / self.total_macs if self.total_macs else 0.0)
 
@@ -196,6 +202,6 @@ def _hook_exit_points(model: nn.Module, inputs: Inputs, output) -> ExitPoints:
     for facts in sorted(points.values(), key=lambda f: f.order):
         if len(facts.shape) < 2 or not facts.dtype.is_floating_point or facts.macs >= total:
             continue  # not per-sample features, or computed only at the very end
-        rows.append(ExitPointInfo(facts.path, facts.path, facts.shape[1:], facts.layout, facts.macs / batch,
+        rows.append(ExitPointInfo(facts.path, facts.path, facts.sample_shape, facts.layout, facts.macs / batch,
                                   facts.macs / total if total else 0.0))
     return ExitPoints(rows)

@@ -69,7 +69,10 @@ class HeadSpec(_SpecModel):
     Kinds: ``"linear"`` (global average pool + linear, the default), ``"conv"`` (Distiller's
     ImageNet head: convs -> max/avg pool k3 s2 p1 -> flatten -> linear), ``"pool"`` (Distiller's
     CIFAR head: avg pool ``kernel_size`` -> flatten -> linear), ``"mlp"`` (pool -> linear ->
-    activation -> linear), or any kind added with ``bx.register_head``.
+    activation -> linear), or any kind added with ``bx.register_head``. On a token sequence ``token`` says
+    how tokens are pooled: ``"mean"`` (the real tokens, under the attention mask), ``"cls"`` (the first),
+    ``"last"`` (the last real token; the last position without a mask); unset, ``"last"`` on a causal
+    decoder (GPT-2, Llama, ...) and ``"mean"`` elsewhere.
 
     >>> import branchify as bx
     >>> bx.HeadSpec(kind="conv", channels=[12], kernel_size=7, stride=2, pool="max").kind
@@ -86,7 +89,8 @@ class HeadSpec(_SpecModel):
     hidden: Annotated[int, Field(gt=0)] | None = None
     activation: Literal["relu", "gelu", "none"] | None = None
     layout: Layout | None = None
-    token: Literal["mean", "cls"] = "mean"
+    # None: "last" on a causal decoder, else "mean" (heads.default_token); "last" reads the last real token
+    token: Literal["mean", "cls", "last"] | None = None
     options: dict[str, JsonValue] = Field(default_factory=dict)
 
     def set_fields(self) -> list[str]:

@@ -23,8 +23,8 @@ from ._trace import QUALNAME, ancestors, final_output_nodes
 from .capture import capture as capture_graphs
 from .errors import BranchifyError
 from .exits import HEAD, HEAD_INPUT_COPY, HEADS, ExitPointInfo, Exits
-from .heads import build_head, masked
-from .layout import Layout, choose_layout
+from .heads import build_head, default_token, mask_reading
+from .layout import choose_layout
 from .points import Analysis
 from .spec import ExitPoint, ExitSpec, spec_attribute
 
@@ -238,6 +238,7 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     ordered = [spec.exits[i] for _, _, i in anchors]
     exit_spec = spec.model_copy(update={"exits": ordered})
     mask = _attention_mask(analysis)
+    token = default_token(model)
     root: dict[str, object] = {}
     points: list[ExitPointInfo] = []
     extra_inputs: list[bool] = []  # does head k read the attention mask
@@ -246,14 +247,15 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
         point = spec.exits[i]
         what = f"exit {i} (layer {point.layer!r})"
         facts = analysis.facts_of(node)
-        layout = choose_layout(point.head.layout, analysis.layout_of(node), facts.shape, what)
+        layout = choose_layout(point.head.layout, analysis.layout_of(node), facts.shape, what,
+                               analysis.batch_dims.get(node.name))
         info = analysis.info(point.layer, node)
         points.append(ExitPointInfo(info.name, info.node, info.shape, layout, info.macs, info.macs_fraction))
-        head = build_head(point.head, facts.shape[1:], layout, num_classes, where=what,
-                          device=facts.device, dtype=facts.dtype)
-        reads_mask = _reads_mask(head, layout, facts.shape, mask, analysis, what)
-        root[f"{HEADS}.{k}"] = masked(head) if reads_mask else head
-        extra_inputs.append(reads_mask)
+        head = build_head(point.head, info.shape, layout, num_classes, where=what,
+                          device=facts.device, dtype=facts.dtype, token=token)
+        root[f"{HEADS}.{k}"] = mask_reading(head, layout, facts.shape,
+                                            None if mask is None else analysis.facts[mask].shape, what)
+        extra_inputs.append(root[f"{HEADS}.{k}"] is not head)
         copies.append(facts.mutated_later)
 
     graphs = {}
@@ -301,16 +303,3 @@ def _attention_mask(analysis: Analysis) -> str | None:
             if shape is not None and len(shape) == 2:
                 return node.name
     return None
-
-
-def _reads_mask(head: nn.Module, layout: Layout, shape, mask: str | None, analysis: Analysis, what: str) -> bool:
-    """Token heads that average over positions must skip padding: they read the attention mask."""
-    if mask is None or layout is not Layout.NLC or masked(head) is None:
-        return False
-    mask_shape = analysis.facts[mask].shape
-    if tuple(mask_shape) != tuple(shape[:2]):
-        raise BranchifyError(
-            f"{what}: the model takes an attention mask of shape {tuple(mask_shape)}, but this exit's tokens are "
-            f"{tuple(shape)}, so a mean over them cannot skip the padding; use HeadSpec(token='cls'), or an exit "
-            "whose tokens line up with the mask")
-    return True

@@ -31,11 +31,11 @@ def route_hooks(module, heads: Sequence[Callable], rules: Sequence[ExitRule | No
     judged: set[int] = set()
     decide = Judge(rules)
 
-    def judge(i: int, out: torch.Tensor) -> None:
+    def judge(i: int, out: torch.Tensor, *extras: torch.Tensor) -> None:
         if i in judged or rules[i] is None:
             return  # judged at the first call of the layer; an exit that is off is never judged
         judged.add(i)
-        z = heads[i](out)
+        z = heads[i](out, *extras)  # extras: the attention mask of a head that skips padding
         fired = decide.fires(i, z) & running
         state["logits"] = torch.where(fired[:, None], z, state["logits"]) if "logits" in state else z
         exit_index.masked_fill_(fired, i)
