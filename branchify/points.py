@@ -155,12 +155,14 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
     >>> round(points[-1].macs_fraction, 3) < 1.0
     True
     """
+    from .capture import NoGraph
     from .capture import capture as capture_graphs
 
     inputs = Inputs.of(example_inputs)
     inputs.check_batch("list_exit_points")
-    traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
-    if isinstance(traced, str):
+    try:
+        traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
+    except NoGraph:
         return _hook_exit_points(model, inputs, output)
     analysis = Analysis(traced, inputs)
     if all_nodes:

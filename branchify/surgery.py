@@ -19,6 +19,7 @@ from torch.fx.graph_module import _assign_attr
 
 from ._inputs import Inputs
 from ._trace import QUALNAME, ancestors, final_output_nodes
+from .capture import NoGraph
 from .capture import capture as capture_graphs
 from .errors import BranchifyError
 from .exits import HEAD, HEAD_INPUT_COPY, HEADS, ExitPointInfo, Exits
@@ -202,16 +203,17 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     spec = as_spec(spec)
     inputs = Inputs.of(example_inputs)
     inputs.check_batch("attach_exits")
-    traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
-    if isinstance(traced, str):
+    try:
+        traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
+    except NoGraph as no_graph:
         from .fallback import attach_exits_with_hooks
 
         if capture != "hooks":
             warnings.warn(
-                f"{type(model).__name__} cannot be captured as a graph ({traced}); attaching exits with forward hooks "
-                "instead. Exits must then name modules, and the runtime cannot drop samples inside the forward",
+                f"{type(model).__name__} cannot be captured as a graph ({no_graph}); attaching exits with forward "
+                "hooks instead. Exits must then name modules, and the runtime cannot drop samples inside the forward",
                 stacklevel=2)
-        return _recorded(attach_exits_with_hooks(model, spec, inputs, reason=traced, output=output), inputs)
+        return _recorded(attach_exits_with_hooks(model, spec, inputs, reason=str(no_graph), output=output), inputs)
     analysis = Analysis(traced, inputs)
     num_classes = _num_classes(analysis.output)
 
