@@ -20,6 +20,7 @@ import inspect
 import logging
 import math
 import re
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 
@@ -272,21 +273,24 @@ def _add_guard(graph: fx.Graph, guard_target: str) -> None:
     node.meta[CALLS] = {}
 
 
-class _HeldLogs(logging.Filter):
-    """Holds back the log records of the threads that are exporting; other threads' records pass.
+class _HeldOutput(logging.Filter):
+    """Holds back what the exporting threads log or write to ``sys.stderr``; other threads' output passes.
 
-    One filter, on the handlers that exist, for as long as any thread exports (reference-counted under a
-    lock): no logger's level and no stream is touched, so other threads lose nothing.
+    One log filter, on the handlers that exist, and one stand-in for ``sys.stderr`` that passes every other
+    thread's writes straight to the stream it replaced, for as long as any thread exports (reference-counted
+    under a lock). No logger's level changes, and no other thread loses a line.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.lock = threading.Lock()
-        self.held: dict[int, list[logging.LogRecord]] = {}
+        self.logs: dict[int, list[logging.LogRecord]] = {}
+        self.text: dict[int, list[str]] = {}
         self.handlers: list[logging.Handler] = []
+        self.stderr: _ThreadStderr | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        held = self.held.get(record.thread)
+        held = self.logs.get(record.thread)
         if held is None:
             return True
         held.append(record)
@@ -294,20 +298,49 @@ class _HeldLogs(logging.Filter):
 
     def enter(self) -> None:
         with self.lock:
-            if not self.held:
+            if not self.logs:
                 self.handlers = _all_handlers()
                 for handler in self.handlers:
                     handler.addFilter(self)
-            self.held[threading.get_ident()] = []
+                self.stderr = _ThreadStderr(sys.stderr, self.text)
+                sys.stderr = self.stderr
+            self.logs[threading.get_ident()] = []
+            self.text[threading.get_ident()] = []
 
-    def leave(self) -> list[logging.LogRecord]:
+    def leave(self) -> tuple[list[logging.LogRecord], str, object]:
         with self.lock:
-            records = self.held.pop(threading.get_ident(), [])
-            if not self.held:
+            records = self.logs.pop(threading.get_ident(), [])
+            text = "".join(self.text.pop(threading.get_ident(), []))
+            original = self.stderr.stream if self.stderr is not None else sys.stderr
+            if not self.logs:
                 for handler in self.handlers:
                     handler.removeFilter(self)
                 self.handlers = []
-        return records
+                if sys.stderr is self.stderr:  # unless someone else has replaced it since
+                    sys.stderr = original
+                self.stderr = None
+        return records, text, original
+
+
+class _ThreadStderr:
+    """``sys.stderr`` for the time threads export: their writes are held, every other thread's pass through."""
+
+    def __init__(self, stream, held: dict[int, list[str]]) -> None:
+        self.stream = stream
+        self.held = held
+
+    def write(self, text: str) -> int:
+        held = self.held.get(threading.get_ident())
+        if held is None:
+            return self.stream.write(text)
+        held.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def _all_handlers() -> list[logging.Handler]:
@@ -319,25 +352,26 @@ def _all_handlers() -> list[logging.Handler]:
     return list(handlers.values())
 
 
-_HELD_LOGS = _HeldLogs()
+_HELD = _HeldOutput()
 
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """torch.export logs the graph and a guard report when it fails; branchify reports the reason itself.
-
-    What this thread logs meanwhile is held back, and passed on only when the export works.
-    """
-    _HELD_LOGS.enter()
+    """torch.export logs the graph and a guard report, and prints the partial graph, when it fails; branchify
+    reports the reason itself. What this thread logs or writes to stderr meanwhile is held back, and passed on
+    only when the export works."""
+    _HELD.enter()
     ok = False
     try:
         yield
         ok = True
     finally:
-        records = _HELD_LOGS.leave()
+        records, text, stream = _HELD.leave()
         if ok:
             for record in records:
                 logging.getLogger(record.name).handle(record)
+            if text:
+                stream.write(text)
 
 
 def _export(model: nn.Module, inputs: Inputs, selector) -> Traced:

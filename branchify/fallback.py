@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._inputs import Inputs
 from ._outputs import select_output
 from ._record import Recording
-from ._trace import eval_mode
+from ._trace import call_names, eval_mode, several_calls, split_call
 from .errors import BranchifyError
 from .exits import ExitPointInfo, Exits
 from .heads import build_head
@@ -37,9 +37,11 @@ __all__ = ["HookExitModule", "attach_exits_with_hooks", "hook_points"]
 
 @dataclass(frozen=True)
 class HookPoint:
-    """What the recorded forward showed of one module's first output."""
+    """What the recorded forward showed of one call of a module (``call`` of ``calls``)."""
 
     path: str
+    call: int
+    calls: int  # how many times the forward called the module
     shape: tuple[int, ...]  # batched
     dtype: torch.dtype
     device: torch.device
@@ -47,29 +49,40 @@ class HookPoint:
     macs: float  # cumulative, whole batch
     order: int
 
+    @property
+    def name(self) -> str:
+        """The name of this call: the module path when it runs once, else ``path:call``."""
+        return call_names(self.path, self.calls)[self.call]
 
-def _call_ignoring_result(hook, index: int, _module: nn.Module, _args, output) -> None:
+
+def _call_ignoring_result(hook, index: int, counts: list[int], call: int, _module: nn.Module, _args,
+                          output) -> None:
     # A forward hook that returns a value replaces the module's output; callbacks must never do that.
-    hook(index, output)
+    counts[index] += 1
+    if counts[index] - 1 == call:
+        hook(index, output)
 
 
 def hook_points(model: nn.Module, inputs: Inputs, paths: list[str], output=None
-                ) -> tuple[dict[str, HookPoint], torch.Tensor, float]:
-    """Run ``model`` once on ``inputs`` (eval mode, no grad), recording; facts for each of ``paths`` that
-    returned a tensor, at its first call; the selected final output; the total MACs."""
+                ) -> tuple[dict[str, list[HookPoint]], torch.Tensor, float]:
+    """Run ``model`` once on ``inputs`` (eval mode, no grad), recording; facts for each call of each of ``paths``
+    that returned a tensor, call by call; the selected final output; the total MACs."""
     modules = dict(model.named_modules())
     inputs = Inputs.of(inputs)
     recording = Recording()
     for i, tensor in enumerate(inputs.tensors):
         recording.input(f"input_{i}", tensor)
-    seen: dict[str, tuple] = {}
+    seen: dict[str, list[tuple]] = {}
+    order = iter(range(1 << 62))
     handles = []
     try:
         with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            for path in paths:
+            for path in dict.fromkeys(paths):
                 def hook(_m, _a, out, path=path):
-                    if path not in seen and isinstance(out, torch.Tensor):  # the first call counts
-                        seen[path] = (out, recording.node_of(out), counter.get_total_flops() / 2, len(seen))
+                    # every call is kept (a non-tensor output too, so that call k stays the k-th call)
+                    tensor = out if isinstance(out, torch.Tensor) else None
+                    node = None if tensor is None else recording.node_of(tensor)
+                    seen.setdefault(path, []).append((tensor, node, counter.get_total_flops() / 2, next(order)))
                 handles.append(modules[path].register_forward_hook(hook))
             try:
                 with recording:
@@ -80,16 +93,20 @@ def hook_points(model: nn.Module, inputs: Inputs, paths: list[str], output=None
                 text = str(err).strip().splitlines()
                 raise BranchifyError(
                     f"the model rejects example_inputs ({inputs.describe()}): "
-                    f"{text[0] if text else type(err).__name__}") from None
+                    f"{text[0] if text else type(err).__name__}") from err
             total = counter.get_total_flops() / 2
     finally:
         for handle in handles:
             handle.remove()
     cdims = channel_dims(recording.graph, recording.shapes)
-    points = {}
-    for path, (out, node, macs, order) in seen.items():
-        layout = layout_of(out.shape, None if node is None else cdims.get(node.name))
-        points[path] = HookPoint(path, tuple(out.shape), out.dtype, out.device, layout, macs, order)
+    points: dict[str, list[HookPoint]] = {}
+    for path, calls in seen.items():
+        points[path] = []
+        for call, (out, node, macs, position) in enumerate(calls):
+            if out is not None:
+                layout = layout_of(out.shape, None if node is None else cdims.get(node.name))
+                points[path].append(HookPoint(path, call, len(calls), tuple(out.shape), out.dtype, out.device,
+                                              layout, macs, position))
     final, _ = select_output(result, output)
     return points, final, total
 
@@ -98,8 +115,8 @@ class HookExitModule(nn.Module, Exits):
     """A model with exit heads fed by forward hooks; forward returns ``(exit_0, ..., final)``.
 
     Same attributes as ``ExitModule``; ``exit_path == "hooks"``. ``layer_paths`` are the hooked
-    module paths in exit order; the first call of a module during a forward is the one that counts
-    (as in the runtime, which must decide before the forward goes on).
+    module paths in exit order and ``layer_calls`` which call of each module carries the exit
+    (``"path:k"`` names call k; a plain path, a module the forward calls once).
     """
 
     exit_path = "hooks"
@@ -113,7 +130,8 @@ class HookExitModule(nn.Module, Exits):
         self.exit_points = exit_points
         self.num_classes = num_classes
         self.output = output
-        self.layer_paths = [p.layer for p in exit_spec.exits]
+        self.layer_paths = [split_call(p.layer)[0] for p in exit_spec.exits]
+        self.layer_calls = [split_call(p.layer)[1] or 0 for p in exit_spec.exits]
         self.training = model.training
         self.exit_heads.train(model.training)
 
@@ -128,13 +146,16 @@ class HookExitModule(nn.Module, Exits):
         return None  # an opaque forward: nothing to cut
 
     def run_with_hooks(self, hook, *args, **kwargs):
-        """Run the model with ``hook(index, output)`` called after each exit layer; returns the logits."""
+        """Run the model with ``hook(index, output)`` called after each exit's call of its layer; returns the
+        logits."""
         if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
             args, kwargs = (), dict(args[0])
         handles = []
+        counts = [0] * len(self.layer_paths)  # this forward's own: concurrent forwards count their own calls
         for index, path in enumerate(self.layer_paths):
             module = self.model.get_submodule(path)
-            handles.append(module.register_forward_hook(partial(_call_ignoring_result, hook, index)))
+            handles.append(module.register_forward_hook(
+                partial(_call_ignoring_result, hook, index, counts, self.layer_calls[index])))
         try:
             result = self.model(*args, **kwargs)
         finally:
@@ -146,7 +167,7 @@ class HookExitModule(nn.Module, Exits):
         logits: dict[int, torch.Tensor] = {}
 
         def run_head(index: int, out: torch.Tensor) -> None:
-            if index not in logits:  # the layer's first call counts
+            if index not in logits:
                 # the head reads the value now; a copy when autograd will need it after later in-place ops
                 value = out.clone() if torch.is_grad_enabled() else out
                 logits[index] = self.exit_heads[index](value)
@@ -162,30 +183,43 @@ def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: Inputs, *,
                             output=None) -> HookExitModule:
     modules = dict(model.named_modules())
     for index, point in enumerate(spec.exits):
-        if point.layer not in modules or not point.layer:
+        path = split_call(point.layer)[0]
+        if path not in modules or not path:
             close = difflib.get_close_matches(point.layer, [m for m in modules if m], n=5, cutoff=0.5)
             hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
             raise BranchifyError(
                 f"exit {index} (layer {point.layer!r}): this model is not captured as a graph ({reason}), so exits "
                 f"must name modules, and there is no module {point.layer!r}.{hint} See [name for name, _ in "
                 "model.named_modules()]")
-    points_by_path, final, total = hook_points(model, Inputs.of(inputs), spec.layers, output)
+    points_by_path, final, total = hook_points(model, Inputs.of(inputs), [split_call(p)[0] for p in spec.layers],
+                                               output)
     if not isinstance(final, torch.Tensor) or final.ndim != 2:
         shape = tuple(final.shape) if isinstance(final, torch.Tensor) else type(final).__name__
         raise BranchifyError(f"the model's eval output is {shape}, but branchify needs (batch, num_classes) logits; "
                              "pick them with output=...")
     num_classes, batch = int(final.shape[1]), int(final.shape[0])
 
+    chosen = []
     for index, point in enumerate(spec.exits):
-        if point.layer not in points_by_path:
-            raise BranchifyError(f"exit {index} (layer {point.layer!r}): the module did not run in the eval forward "
-                                 "of example_inputs, or did not return a tensor")
-    spec.check_order([points_by_path[p.layer].order for p in spec.exits], "the order the forward calls them")
+        what = f"exit {index} (layer {point.layer!r})"
+        path, call = split_call(point.layer)
+        calls = points_by_path.get(path, [])
+        count = calls[0].calls if calls else 0
+        if call is None and count > 1:
+            raise several_calls(what, path, count, "the eval forward of example_inputs")
+        facts = next((f for f in calls if f.call == (call or 0)), None)
+        if facts is None:
+            ran = f"called {count} time(s)" if count else "not called"
+            raise BranchifyError(f"{what}: the module is {ran} in the eval forward of example_inputs, and that call "
+                                 "did not run or did not return a tensor; pick a call that returns features"
+                                 + (f" ({', '.join(repr(f.name) for f in calls)})" if calls else ""))
+        chosen.append(facts)
+    spec.check_order([f.order for f in chosen], "the order the forward calls them")
     heads, points, ordered = [], [], []
     for index in range(len(spec.exits)):
         point = spec.exits[index]
         what = f"exit {index} (layer {point.layer!r})"
-        facts = points_by_path[point.layer]
+        facts = chosen[index]
         if len(facts.shape) < 2 or not (facts.dtype.is_floating_point or facts.dtype.is_complex):
             raise BranchifyError(f"{what}: its output ({facts.shape}, {facts.dtype}) is not a per-sample float "
                                  "tensor; pick a module that outputs features")
