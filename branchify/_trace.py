@@ -39,6 +39,15 @@ def split_call(name: str) -> tuple[str, int | None]:
     return (match["path"], int(match["call"])) if match else (name, None)
 
 
+COMPILED_PREFIX = "_orig_mod."
+
+
+def compiled_name(what: str, name: str) -> str:
+    """The refusal of a compiled model's wrapper name: exits name the layers of the module torch.compile wraps."""
+    return (f"{what}: unknown layer {name!r}; branchify attaches exits to the module torch.compile wraps, whose "
+            f"layers are named as in the model itself: use {name.removeprefix(COMPILED_PREFIX)!r}")
+
+
 def call_names(path: str, count: int) -> list[str]:
     """The names of a module's calls: its path when it is called once, else ``path:0``, ``path:1``, ..."""
     return [path] if count == 1 else [f"{path}:{k}" for k in range(count)]
@@ -172,6 +181,8 @@ class Traced:
         if name in self.module_paths or name in self.valid_names(not training):
             raise BranchifyError(
                 f"{what}: layer {name!r} is not computed in {mode} mode, so it cannot carry an exit.{hint}")
+        if name.startswith(COMPILED_PREFIX):
+            raise BranchifyError(compiled_name(what, name))
         also = (", or torchvision.models.feature_extraction.get_graph_node_names(model)" if self.path == "fx"
                 else ", or [name for name, _ in model.named_modules()]")
         raise BranchifyError(

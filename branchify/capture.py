@@ -32,7 +32,7 @@ from ._outputs import select_output
 from ._trace import CALLS, QUALNAME, SCOPE, Traced, kept_modes, trace_model
 from .errors import BranchifyError
 
-__all__ = ["CAPTURES", "InputGuard", "NoGraph", "capture", "check_model"]
+__all__ = ["CAPTURES", "InputGuard", "NoGraph", "capture", "check_model", "held_output", "unwrap_compiled"]
 
 CAPTURES = ("auto", "fx", "export", "hooks")
 
@@ -69,6 +69,33 @@ def check_model(model: nn.Module, path: str) -> None:
             "captured graph does not run them, so the final output would differ from model(x). Remove them "
             "(handle.remove()), register them on a submodule, or pass capture='hooks' (the model's own forward "
             "runs, hooks included)")
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wraps, for a compiled model; else ``model``.
+
+    A compiled model's forward is the wrapped module's code: capturing that module gives the same graph, names
+    its layers as the model does (``layer1``, not ``_orig_mod.layer1``) and lets torch.fx trace it.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> unwrap_compiled(torch.compile(net)) is net, unwrap_compiled(net) is net
+    (True, True)
+    """
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
+def _cache_hint(model: nn.Module) -> str:
+    """Why a Hugging Face model with its key/value cache on fails to export, and the switch that keeps the graph."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        return ""
+    return (" (the model returns its key/value cache, since model.config.use_cache is True; set "
+            "model.config.use_cache = False to keep the graph path: the cache serves generation only and the logits "
+            "are the same, while on the hook path the runner cannot skip the computation of samples that exit)")
 
 
 def _first_line(err: BaseException) -> str:
@@ -288,6 +315,7 @@ class _HeldOutput(logging.Filter):
         self.text: dict[int, list[str]] = {}
         self.handlers: list[logging.Handler] = []
         self.stderr: _ThreadStderr | None = None
+        self.depth: dict[int, int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         held = self.logs.get(record.thread)
@@ -298,6 +326,10 @@ class _HeldOutput(logging.Filter):
 
     def enter(self) -> None:
         with self.lock:
+            me = threading.get_ident()
+            self.depth[me] = self.depth.get(me, 0) + 1
+            if self.depth[me] > 1:  # nested: the outer block holds (and passes on) everything
+                return
             if not self.logs:
                 self.handlers = _all_handlers()
                 for handler in self.handlers:
@@ -309,6 +341,11 @@ class _HeldOutput(logging.Filter):
 
     def leave(self) -> tuple[list[logging.LogRecord], str, object]:
         with self.lock:
+            me = threading.get_ident()
+            self.depth[me] -= 1
+            if self.depth[me]:
+                return [], "", self.stderr.stream if self.stderr is not None else sys.stderr
+            del self.depth[me]
             records = self.logs.pop(threading.get_ident(), [])
             text = "".join(self.text.pop(threading.get_ident(), []))
             original = self.stderr.stream if self.stderr is not None else sys.stderr
@@ -356,10 +393,12 @@ _HELD = _HeldOutput()
 
 
 @contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """torch.export logs the graph and a guard report, and prints the partial graph, when it fails; branchify
-    reports the reason itself. What this thread logs or writes to stderr meanwhile is held back, and passed on
-    only when the export works."""
+def held_output() -> Iterator[None]:
+    """Hold back what this thread logs or writes to stderr in the block, and pass it on only if the block works.
+
+    torch.export logs the graph and a guard report, and prints the partial graph, when it fails, and a failing
+    fake run logs a traceback; branchify reports the reason itself. Other threads' output is never held.
+    """
     _HELD.enter()
     ok = False
     try:
@@ -397,7 +436,7 @@ def _export_at(model: nn.Module, example: Inputs, given: Inputs, selector) -> Tr
         for training in (True, False):
             model.train(training)
             try:
-                with _quiet_export():
+                with held_output():
                     program = torch.export.export(model, example.args, example.kwargs,
                                                   dynamic_shapes=_dynamic_shapes(model, example), strict=False)
             except BranchifyError:
@@ -468,9 +507,10 @@ def capture(model: nn.Module, inputs: Inputs, *, path: str = "auto", leaf_module
     try:
         return _export(model, inputs, output)
     except CaptureFailed as err:
+        reason = f"{err}{_cache_hint(model)}"
         if path == "export":
-            raise BranchifyError(f"capture='export': {err}; try capture='hooks' or capture='auto'") from err
-        reasons.append(str(err))
+            raise BranchifyError(f"capture='export': {reason}; try capture='hooks' or capture='auto'") from err
+        reasons.append(reason)
     raise NoGraph(reasons)
 
 

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._inputs import Inputs
 from ._outputs import select_output
 from ._record import Recording
-from ._trace import call_names, eval_mode, several_calls, split_call
+from ._trace import COMPILED_PREFIX, call_names, compiled_name, eval_mode, several_calls, split_call
 from .errors import BranchifyError
 from .exits import ExitPointInfo, Exits
 from .heads import build_head
@@ -184,6 +184,8 @@ def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: Inputs, *,
     modules = dict(model.named_modules())
     for index, point in enumerate(spec.exits):
         path = split_call(point.layer)[0]
+        if path.startswith(COMPILED_PREFIX) and path not in modules:
+            raise BranchifyError(compiled_name(f"exit {index} (layer {point.layer!r})", point.layer))
         if path not in modules or not path:
             close = difflib.get_close_matches(point.layer, [m for m in modules if m], n=5, cutoff=0.5)
             hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""

@@ -156,9 +156,10 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
     >>> round(points[-1].macs_fraction, 3) < 1.0
     True
     """
-    from .capture import NoGraph
+    from .capture import NoGraph, unwrap_compiled
     from .capture import capture as capture_graphs
 
+    model = unwrap_compiled(model)
     inputs = Inputs.of(example_inputs)
     inputs.check_batch("list_exit_points")
     try:
