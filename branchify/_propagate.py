@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,27 +20,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._inputs import Inputs, bind
 from ._quantized import float_twins
 from ._trace import eval_mode
+from .capture import held_output
 from .errors import BranchifyError
 
 __all__ = ["NodeFacts", "fake_mode", "propagate"]
-
-_FAKE_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
-
 
 @contextlib.contextmanager
 def fake_mode() -> Iterator[FakeTensorMode]:
     """A ``FakeTensorMode`` that accepts real parameters and keeps torch's own error log quiet.
 
     branchify turns a failing fake run into a BranchifyError that names the layer and the fix;
-    torch would otherwise log a traceback first.
+    torch would otherwise log a traceback first. Only this thread's output is held back (``held_output``).
     """
-    level = _FAKE_LOGGER.level
-    _FAKE_LOGGER.setLevel(logging.CRITICAL)
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            yield mode
-    finally:
-        _FAKE_LOGGER.setLevel(level)
+    with held_output(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
 
 
 @dataclass(frozen=True)
@@ -114,5 +106,5 @@ def propagate(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, NodeFacts],
                 raise BranchifyError(
                     f"the model rejects example_inputs ({inputs.describe()}){where}: "
                     f"{text[0] if text else type(err).__name__}. Pass inputs the model accepts, e.g. "
-                    "torch.randn(1, 3, 224, 224) for an ImageNet classifier") from None
+                    "torch.randn(1, 3, 224, 224) for an ImageNet classifier") from err
     return interp.facts, out

@@ -18,12 +18,47 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
 
-from .errors import BranchifyError
+from .errors import BranchifyError, BranchifyInternalError
 
-__all__ = ["Traced", "trace_model"]
+__all__ = ["Traced", "split_call", "trace_model"]
 
 SCOPE = "branchify_scope"
 QUALNAME = "branchify_qualname"
+CALLS = "branchify_calls"  # {module path: which call of it (0, 1, ...) made this node}, for every enclosing module
+
+_CALL = re.compile(r"^(?P<path>.+):(?P<call>[0-9]+)$")
+
+
+def split_call(name: str) -> tuple[str, int | None]:
+    """``"layer1.0.relu:1"`` as ``("layer1.0.relu", 1)`` (the module's second call); a plain name as ``(name, None)``.
+
+    >>> split_call("albert.encoder.albert_layer_groups.0:2"), split_call("layer1")
+    (('albert.encoder.albert_layer_groups.0', 2), ('layer1', None))
+    """
+    match = _CALL.match(name)
+    return (match["path"], int(match["call"])) if match else (name, None)
+
+
+COMPILED_PREFIX = "_orig_mod."
+
+
+def compiled_name(what: str, name: str) -> str:
+    """The refusal of a compiled model's wrapper name: exits name the layers of the module torch.compile wraps."""
+    return (f"{what}: unknown layer {name!r}; branchify attaches exits to the module torch.compile wraps, whose "
+            f"layers are named as in the model itself: use {name.removeprefix(COMPILED_PREFIX)!r}")
+
+
+def call_names(path: str, count: int) -> list[str]:
+    """The names of a module's calls: its path when it is called once, else ``path:0``, ``path:1``, ..."""
+    return [path] if count == 1 else [f"{path}:{k}" for k in range(count)]
+
+
+def several_calls(what: str, path: str, count: int, where: str) -> BranchifyError:
+    """The refusal of a bare module name whose module runs more than once: which call is meant cannot be told."""
+    choices = ", ".join(repr(n) for n in call_names(path, count))
+    return BranchifyError(
+        f"{what}: module {path!r} is called {count} times in {where}, so its name alone does not say after which "
+        f"call the exit goes; name the call: {choices} (0 is the first call; bx.list_exit_points lists each)")
 
 
 class _Tracer(NodePathTracer):
@@ -32,6 +67,25 @@ class _Tracer(NodePathTracer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._latest_suffix: dict[str, int] = {}
+        self._call_count: dict[str, int] = {}
+        self._open_calls: dict[str, int] = {}  # the modules whose forward is running, and which call each is
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            return super().call_module(m, forward, args, kwargs)
+        call = self._call_count.get(path, 0)
+        self._call_count[path] = call + 1
+        outer = self._open_calls.get(path)
+        self._open_calls[path] = call
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            if outer is None:
+                del self._open_calls[path]
+            else:
+                self._open_calls[path] = outer
 
     def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
         # torchvision's version rescans every earlier name with a regex (quadratic: seconds on maxvit);
@@ -49,6 +103,7 @@ class _Tracer(NodePathTracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
         proxy.node.meta[SCOPE] = self.current_module_qualname
         proxy.node.meta[QUALNAME] = self.node_to_qualname[proxy.node]
+        proxy.node.meta[CALLS] = dict(self._open_calls)
         return proxy
 
 
@@ -61,6 +116,7 @@ class Traced:
     module_paths: list[str] = field(default_factory=list)
     path: str = "fx"  # how it was captured: "fx" or "export"
     roots: dict[bool, nn.Module] = field(default_factory=dict)  # export's modules, for its constants
+    _calls: dict[bool, dict[str, dict[int, list[fx.Node]]]] = field(default_factory=dict, repr=False)
 
     def attr(self, target: str, training: bool):
         """The parameter, buffer or module a graph's ``get_attr``/``call_module`` node names; the model's own
@@ -75,7 +131,7 @@ class Traced:
             except AttributeError:
                 continue
             return obj
-        raise BranchifyError(f"internal: graph attribute {target!r} is in neither the model nor its capture")
+        raise BranchifyInternalError(f"graph attribute {target!r} is in neither the model nor its capture")
 
     def nodes_by_name(self, training: bool) -> dict[str, fx.Node]:
         return {n.meta.get(QUALNAME, n.name): n for n in self.graphs[training].nodes}
@@ -84,28 +140,49 @@ class Traced:
         names = [n.meta[QUALNAME] for n in self.graphs[training].nodes if QUALNAME in n.meta]
         return sorted(set(names) | set(self.module_paths))
 
+    def calls(self, path: str, training: bool) -> list[list[fx.Node]]:
+        """The nodes each call of module ``path`` made, call by call (one list per call, in graph order)."""
+        if training not in self._calls:
+            index: dict[str, dict[int, list[fx.Node]]] = {}
+            for node in self.graphs[training].nodes:
+                if node.op not in ("placeholder", "output"):
+                    for module, call in node.meta.get(CALLS, {}).items():
+                        index.setdefault(module, {}).setdefault(call, []).append(node)
+            self._calls[training] = index
+        groups = self._calls[training].get(path, {})
+        return [groups[k] for k in sorted(groups)]
+
     def resolve(self, name: str, training: bool, *, what: str) -> fx.Node:
-        """The node ``name`` denotes: a module path's last node, else a node name."""
-        graph = self.graphs[training]
-        prefix = name + "."
-        inside = [n for n in graph.nodes
-                  if n.op not in ("placeholder", "output")
-                  and (n.meta.get(SCOPE) == name or str(n.meta.get(SCOPE, "")).startswith(prefix))]
-        if inside:
-            return inside[-1]
+        """The node ``name`` denotes: the last node of a module's call (``path`` for a module called once,
+        ``path:k`` for its k-th call), else a node name. A bare path of a module called more than once is refused
+        with the ``path:k`` names, since which call is meant cannot be told."""
+        path, call = split_call(name)
+        calls = self.calls(path, training)
+        mode = "train" if training else "eval"
+        if call is not None and calls:
+            if call >= len(calls):
+                raise BranchifyError(
+                    f"{what}: module {path!r} is called {len(calls)} time(s) in the {mode} forward, so there is no "
+                    f"call {call}; use one of {', '.join(repr(n) for n in call_names(path, len(calls)))}")
+            return calls[call][-1]
+        if call is None and len(calls) > 1:
+            raise several_calls(what, path, len(calls), f"the {mode} forward")
+        if calls:
+            return calls[0][-1]
         by_name = self.nodes_by_name(training)
         if name in by_name:
             return by_name[name]
-        by_fx_name = {n.name: n for n in graph.nodes}
+        by_fx_name = {n.name: n for n in self.graphs[training].nodes}
         if name in by_fx_name:
             return by_fx_name[name]
-        mode = "train" if training else "eval"
         valid = self.valid_names(training)
         close = difflib.get_close_matches(name, [v for v in valid if v != name], n=5, cutoff=0.5)
         hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
         if name in self.module_paths or name in self.valid_names(not training):
             raise BranchifyError(
                 f"{what}: layer {name!r} is not computed in {mode} mode, so it cannot carry an exit.{hint}")
+        if name.startswith(COMPILED_PREFIX):
+            raise BranchifyError(compiled_name(what, name))
         also = (", or torchvision.models.feature_extraction.get_graph_node_names(model)" if self.path == "fx"
                 else ", or [name for name, _ in model.named_modules()]")
         raise BranchifyError(

@@ -9,8 +9,7 @@ from torch import fx, nn
 
 from ._inputs import Inputs
 from ._propagate import NodeFacts, propagate
-from ._trace import QUALNAME, Traced, ancestors, depends_on_input, final_output_nodes
-from .errors import BranchifyError
+from ._trace import CALLS, QUALNAME, Traced, ancestors, call_names, depends_on_input, final_output_nodes
 from .exits import ExitPointInfo
 from .fallback import hook_points
 from .layout import Layout, channel_dims, graph_batch_dims, layout_of
@@ -149,7 +148,9 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
 
     By default the block boundaries (the model's children and grandchildren, and the members of
     containers among them); ``all_nodes=True`` lists every tensor-valued node by the name
-    ``get_graph_node_names`` gives it. Shapes and MACs come from one pass with fake tensors. The
+    ``get_graph_node_names`` gives it. A module the forward calls more than once (a shared layer, a
+    ReLU used twice) is listed once per call, as ``path:0``, ``path:1``, ... (the name
+    ``bx.ExitPoint(layer=...)`` takes for that call). Shapes and MACs come from one pass with fake tensors. The
     model is captured as ``bx.attach_exits`` captures it (``capture``, ``leaf_modules`` and ``output``
     mean the same); on the hook path the block boundaries are listed in the order they ran, from one
     real forward.
@@ -161,23 +162,32 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
     >>> round(points[-1].macs_fraction, 3) < 1.0
     True
     """
+    from .capture import NoGraph, unwrap_compiled
     from .capture import capture as capture_graphs
 
+    model = unwrap_compiled(model)
     inputs = Inputs.of(example_inputs)
     inputs.check_batch("list_exit_points")
-    traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
-    if isinstance(traced, str):
+    try:
+        traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
+    except NoGraph:
         return _hook_exit_points(model, inputs, output)
     analysis = Analysis(traced, inputs)
+    names: list[tuple[str, fx.Node]] = []
     if all_nodes:
-        names = [(n.meta.get(QUALNAME, n.name), n) for n in analysis.graph.nodes]
+        for node in analysis.graph.nodes:
+            name = node.meta.get(QUALNAME, node.name)
+            if node.op == "call_module" and len(traced.calls(str(node.target), False)) > 1:
+                # a module called more than once: each call is listed by its index, its node name as an alias
+                # (but not the bare module path, which names no one call)
+                names.append((f"{node.target}:{node.meta[CALLS][node.target]}", node))
+                if name == node.target:
+                    continue
+            names.append((name, node))
     else:
-        names = []
         for path in block_paths(model):
-            try:
-                names.append((path, traced.resolve(path, False, what="list")))
-            except BranchifyError:
-                continue  # a module that the eval forward never calls
+            calls = traced.calls(path, False)  # none: a module that the eval forward never calls
+            names.extend((name, call[-1]) for name, call in zip(call_names(path, len(calls)), calls))
     first: dict[str, str] = {}  # node -> the first name listed for it
     aliases: dict[str, list[str]] = {}
     found = []
@@ -199,9 +209,9 @@ def _hook_exit_points(model: nn.Module, inputs: Inputs, output) -> ExitPoints:
     points, final, total = hook_points(model, inputs, block_paths(model), output)
     batch = inputs.batch
     rows = []
-    for facts in sorted(points.values(), key=lambda f: f.order):
+    for facts in sorted((f for calls in points.values() for f in calls), key=lambda f: f.order):
         if len(facts.shape) < 2 or not facts.dtype.is_floating_point or facts.macs >= total:
             continue  # not per-sample features, or computed only at the very end
-        rows.append(ExitPointInfo(facts.path, facts.path, facts.sample_shape, facts.layout, facts.macs / batch,
+        rows.append(ExitPointInfo(facts.name, facts.name, facts.sample_shape, facts.layout, facts.macs / batch,
                                   facts.macs / total if total else 0.0))
     return ExitPoints(rows)

@@ -20,6 +20,7 @@ from torch.fx.graph_module import _assign_attr
 from ._inputs import Inputs
 from ._sharing import note_built_on
 from ._trace import QUALNAME, ancestors, final_output_nodes
+from .capture import NoGraph, unwrap_compiled
 from .capture import capture as capture_graphs
 from .errors import BranchifyError
 from .exits import HEAD, HEAD_INPUT_COPY, HEADS, ExitPointInfo, Exits
@@ -81,13 +82,21 @@ class ExitModule(fx.GraphModule, Exits):
     def __call__(self, *args, **kwargs):
         if self.keyword_inputs and len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
             args, kwargs = (), dict(args[0])  # module(batch) with a tokenizer's output
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        names = [str(n.target) for n in placeholders]
         if kwargs:
-            placeholders = [str(n.target) for n in self.graph.nodes if n.op == "placeholder"]
-            unknown = sorted(set(kwargs) - set(placeholders))
+            unknown = sorted(set(kwargs) - set(names))
             if unknown:
                 raise BranchifyError(
-                    f"unknown input(s) {unknown}; this module was captured with inputs {placeholders}. Drop the "
+                    f"unknown input(s) {unknown}; this module was captured with inputs {names}. Drop the "
                     "others (labels belong in the loader's target, not the model's inputs)")
+        missing = [str(n.target) for n in placeholders[len(args):] if n.target not in kwargs and not n.args]
+        if missing:
+            given = Inputs(args, kwargs).describe() or "nothing"
+            raise BranchifyError(
+                f"input(s) {missing} missing: this module was captured with inputs {names} and got {given}; pass "
+                "every input the example had, by name (module(**batch), e.g. a tokenizer's whole output with its "
+                "attention_mask), or build the module on an example without it")
         return super().__call__(*args, **kwargs)
 
     def train(self, mode: bool = True) -> ExitModule:
@@ -201,18 +210,21 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     (['layer1', 'layer2'], True, 'fx')
     """
     spec = as_spec(spec)
+    model = unwrap_compiled(model)
     inputs = Inputs.of(example_inputs)
     inputs.check_batch("attach_exits")
-    traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
-    if isinstance(traced, str):
+    try:
+        traced = capture_graphs(model, inputs, path=capture, leaf_modules=leaf_modules, output=output)
+    except NoGraph as no_graph:
         from .fallback import attach_exits_with_hooks
 
         if capture != "hooks":
             warnings.warn(
-                f"{type(model).__name__} cannot be captured as a graph ({traced}); attaching exits with forward hooks "
-                "instead. Exits must then name modules, and the runtime cannot drop samples inside the forward",
+                f"{type(model).__name__} cannot be captured as a graph ({no_graph}); attaching exits with forward "
+                "hooks instead. Exits must then name modules, and the runtime cannot drop samples inside the forward",
                 stacklevel=2)
-        return _recorded(attach_exits_with_hooks(model, spec, inputs, reason=traced, output=output), inputs, model)
+        return _recorded(attach_exits_with_hooks(model, spec, inputs, reason=str(no_graph), output=output), inputs,
+                         model)
     analysis = Analysis(traced, inputs)
     num_classes = _num_classes(analysis.output)
 

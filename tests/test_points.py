@@ -32,8 +32,10 @@ def test_all_nodes_lists_node_names_that_attach():
     model = torchvision.models.resnet18()
     points = bx.list_exit_points(model, torch.randn(1, 3, 32, 32), all_nodes=True)
     names = [p.name for p in points]
-    assert {"layer1.0.relu_1", "layer1.0.add", "flatten"} <= set(names)
+    assert {"layer1.0.relu:1", "layer1.0.add", "flatten"} <= set(names)
     assert "x" in names and "fc" not in names
+    # the second call of the block's ReLU is listed by its call index, with its node name as an alias
+    assert next(p for p in points if p.name == "layer1.0.relu:1").aliases == ("layer1.0.relu_1",)
     module = bx.attach_exits(model, bx.ExitSpec(exits=[{"layer": "layer1.0.add"}]), torch.randn(1, 3, 32, 32))
     assert module.exit_points[0].name == "layer1.0.add"
 

@@ -375,17 +375,21 @@ class Twice(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_hook_fallback_judges_a_twice_called_layer_at_its_first_call_everywhere():
-    # Regression: the forward used the last call, the runner the first, so their decisions differed.
+@pytest.mark.parametrize("call", [0, 1])
+def test_hook_fallback_judges_a_twice_called_layer_at_the_named_call_everywhere(call):
+    # Regression: the forward used the last call, the runner the first, so their decisions differed; now the
+    # spec names the call ("block:k"), and the bare name of a module called twice is refused.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = bx.attach_exits(Twice().eval(), bx.ExitSpec(exits=[{"layer": "block"}]), X32).eval()
+        with pytest.raises(bx.BranchifyError, match="'block:0', 'block:1'"):
+            bx.attach_exits(Twice().eval(), bx.ExitSpec(exits=[{"layer": "block"}]), X32)
+        module = bx.attach_exits(Twice().eval(), bx.ExitSpec(exits=[{"layer": f"block:{call}"}]), X32).eval()
     x = torch.randn(6, 3, 32, 32)
-    first = {}
-    handle = module.model.block.register_forward_hook(lambda m, a, out: first.setdefault("x", out))
+    calls = []
+    handle = module.model.block.register_forward_hook(lambda m, a, out: calls.append(out))
     outputs = module(x)
     handle.remove()
-    assert torch.allclose(outputs[0], module.exit_heads[0](first["x"]))
+    assert len(calls) == 2 and torch.allclose(outputs[0], module.exit_heads[0](calls[call]))
     scores = bx.criteria.get_criterion("entropy").score(outputs[0])
     threshold = float(scores.median())
     module.exit_spec = module.exit_spec.with_exits(threshold=[threshold])
