@@ -39,6 +39,11 @@ class ExitRunner:
     (``"distiller"``) are refused. Inputs must have the dtype and device of the module's parameters
     (``module.to(...)`` before building the runner); channels-last inputs keep their layout.
 
+    ``core`` is what the runner routes with, one per mode (``StagedCore``, ``HookedCore``, ``LoadedCore``
+    in ``branchify.runtime.core``): its stages, heads, rules, MAC table, inputs and their checks. Each input
+    must have the kind (float or integer) it had in the example the module was built on. One runner may
+    be called from several threads at once, on every path.
+
     MACs are counted once per input shape (ignoring the batch): from ``example_inputs`` when given,
     otherwise at the first call with that shape, with fake tensors (no real compute).
 
@@ -166,8 +171,10 @@ class ExitRunner:
         The programs take any batch size. The table holds the criteria (by name: a criterion
         registered with ``bx.register_criterion`` must be registered again before loading),
         thresholds, temperatures, the number of classes and the per-exit MACs. ``example_inputs``
-        (default: zeros shaped like the first input the runner has seen) fix the non-batch dims of the
-        exported programs. Returns the directory.
+        (a tensor, a tuple, or a dict of named tensors such as a tokenizer's output; default: zeros of the
+        shape and dtype of the first input the runner has seen) fix the non-batch dims of the exported
+        programs, but for those the capture left dynamic (a sequence length). The table records the inputs'
+        names, so the loaded runner takes the same dict or keywords. Returns the directory.
 
         >>> import tempfile, torch, branchify as bx
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
@@ -209,8 +216,10 @@ class ExitRunner:
         Its inputs are the model's, batch dim dynamic; its outputs ``logits`` ``(B, C)`` and ``exit_index``
         ``(B,)`` int64, in batch order. Each stage runs only on the samples that reach it (nested ``If`` nodes),
         and the thresholds are initializers named ``exit_{i}_threshold`` (temperatures ``exit_{i}_temperature``),
-        which can be edited in the file. ``example_inputs`` fix the non-batch dims (default: zeros shaped like
-        the first input seen); ``opset`` defaults to torch.onnx's (at least 18). Needs ``branchify[onnx]``.
+        which can be edited in the file. ``example_inputs`` (a tensor, a tuple, or a dict of named tensors) fix
+        the non-batch dims but for those the capture left dynamic, such as a sequence length (default: zeros of
+        the shape and dtype of the first input seen); ``opset`` defaults to torch.onnx's (at least 18). Needs
+        ``branchify[onnx]``.
 
         >>> import tempfile, onnxruntime, torch, branchify as bx
         >>> _ = torch.manual_seed(0)
