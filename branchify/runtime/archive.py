@@ -75,6 +75,16 @@ def carried_specs(stage, values: tuple) -> tuple:
     return specs if len(specs) == len(values) else None
 
 
+def _export(module, values: tuple, dynamic: tuple, what: str):
+    try:
+        return torch.export.export(module, values, dynamic_shapes=dynamic)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BranchifyError(f"torch.export could not save {what} of the runner ({type(err).__name__}: {first[:300]}); "
+                             "the runner still runs it in torch. Move the exit to another layer, or save the module's "
+                             "weights with bx.save instead") from err
+
+
 def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
     """Write ``runner`` to ``directory`` (see ``ExitRunner.save``)."""
     core = runner.core
@@ -92,15 +102,14 @@ def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
     names = {"stages": [], "heads": []}
     with torch.inference_mode(False), torch.no_grad():
         for i, stage in enumerate(core.stages):
-            program = torch.export.export(stage, values, dynamic_shapes=_dynamic_shapes(values, specs, batch))
+            program = _export(stage, values, _dynamic_shapes(values, specs, batch), f"stage {i}")
             names["stages"].append(f"stage_{i}.pt2")
             torch.export.save(program, directory / names["stages"][-1])
             values = stage(*values)
             specs = carried_specs(core.stages[i + 1], values) if i + 1 < len(core.stages) else None
             if i < len(core.heads):
                 taken = tuple(values[:core.head_inputs[i]])  # the head's input, then e.g. the attention mask
-                head = torch.export.export(core.heads[i], taken,
-                                           dynamic_shapes=_dynamic_shapes(taken, specs, batch))
+                head = _export(core.heads[i], taken, _dynamic_shapes(taken, specs, batch), f"head {i}")
                 names["heads"].append(f"head_{i}.pt2")
                 torch.export.save(head, directory / names["heads"][-1])
     table = {
@@ -136,7 +145,7 @@ def load_runner(directory: str | os.PathLike):
         table = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BranchifyError(f"{str(path)!r} is not readable JSON ({err}); it was altered or damaged. Save the "
-                             "runner again with runner.save(dir)") from None
+                             "runner again with runner.save(dir)") from err
     if not isinstance(table, dict) or table.get("format") != _FORMAT or table.get("version") not in (1, _VERSION):
         found = (table.get("format"), table.get("version")) if isinstance(table, dict) else (None, None)
         raise BranchifyError(
