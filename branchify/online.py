@@ -60,11 +60,9 @@ from .cost import exit_costs
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
 from .routing import exit_rules, first_exit
-from .runtime.hooked import route_hooks
 from .runtime.onnx_export import threshold_name
 from .runtime.result import ExitResult
 from .runtime.runner import ExitRunner
-from .runtime.staged import route_stages
 from .spec import ExitSpec
 
 __all__ = ["AuditTest", "OnlineCalibrator", "OnlineResult", "level_path"]
@@ -336,7 +334,7 @@ class OnlineCalibrator:
         if not isinstance(runner, ExitRunner):
             raise BranchifyError(f"OnlineCalibrator wraps a bx.ExitRunner, got {type(runner).__name__}; build one "
                                  "with bx.ExitRunner(module) (for the ONNX file too: pass onnx=path beside it)")
-        if runner._module is None:
+        if runner.core.module is None:
             raise BranchifyError("this runner was loaded from an archive and has no module to audit with; build "
                                  "the calibrator on bx.ExitRunner(module), or serve the ONNX file with onnx=path")
         self.max_disagreement = _fraction("max_disagreement", max_disagreement,
@@ -360,7 +358,8 @@ class OnlineCalibrator:
             raise BranchifyError(f"alarm_window must be an integer in [1, window={window}], got {alarm_window!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise BranchifyError(f"steps must be a positive integer (ladder steps per exit), got {steps!r}")
-        spec = runner._spec
+        runner.core.rules()  # follows the module's spec in force
+        spec = runner.core.spec
         if all(p.threshold is None for p in spec.exits):
             raise BranchifyError("the runner's spec has no threshold; calibrate it first "
                                  "(bx.calibrate(module, loader, max_accuracy_drop=0.01)), then wrap the runner")
@@ -417,7 +416,7 @@ class OnlineCalibrator:
         shapes = tuple(tuple(a.shape[1:]) for a in inputs if isinstance(a, torch.Tensor))
         if shapes not in self._costs:
             example = tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in inputs)
-            self._costs[shapes] = exit_costs(self.runner._module, example if len(example) > 1 else example[0])
+            self._costs[shapes] = exit_costs(self.runner.core.module, example if len(example) > 1 else example[0])
         return self._costs[shapes]
 
     def _judged(self, thresholds: Sequence[float | None]) -> list[bool]:
@@ -441,24 +440,22 @@ class OnlineCalibrator:
         runner = self.runner
         spec = self._start.with_exits(threshold=list(thresholds))
         rules = exit_rules(spec, deployed=True) if any(t is not None for t in thresholds) else [None] * len(thresholds)
-        if runner._hooks:
-            return route_hooks(runner._module, runner._run_heads, rules, inputs, names, x)
-        return route_stages(runner._run_stages, runner._run_heads, runner._head_inputs, rules, inputs, x)
+        return runner.core.route(runner.stages, runner.heads, inputs, names, x, rules=rules)
 
     def _audit(self, inputs: tuple, names, x: torch.Tensor) -> list[torch.Tensor]:
         if self._onnx is not None:
             return self._onnx.audit(x)
-        module = self.runner._module
+        module = self.runner.core.module
         out = module(**dict(zip(names, inputs))) if names else module(*inputs)
         return [z.float() for z in out]
 
     def __call__(self, *args, **kwargs) -> OnlineResult:
         runner = self.runner
-        if self._onnx is None and runner._module.training:
+        if self._onnx is None and runner.core.module.training:
             raise BranchifyError("the module is in training mode; call module.eval() before serving")
-        inputs, names = runner._bind(args, kwargs)
-        runner._check(inputs)
-        x = runner._batch_input(inputs)
+        inputs, names = runner.core.bind(args, kwargs)
+        runner.core.check(inputs)
+        x = runner.core.batch_tensor(inputs)
         base = self._base_costs(inputs)
         with self._lock:
             thresholds = self.path[self.level]
@@ -477,12 +474,12 @@ class OnlineCalibrator:
             exit_index = torch.full((x.shape[0],), k, dtype=torch.int64)
             if len(rest):
                 part = tuple(a[rest] if isinstance(a, torch.Tensor) else a for a in inputs)
-                z, e = self._serve(thresholds, part, names, runner._batch_input(part))
+                z, e = self._serve(thresholds, part, names, runner.core.batch_tensor(part))
                 logits[rest], exit_index[rest] = z.float(), e
             disagree = None
             if len(picked):
                 part = tuple(a[picked] if isinstance(a, torch.Tensor) else a for a in inputs)
-                all_logits = self._audit(part, names, runner._batch_input(part))
+                all_logits = self._audit(part, names, runner.core.batch_tensor(part))
                 taken = self._route(thresholds, all_logits)
                 stacked = torch.stack(all_logits)
                 served = stacked[taken, torch.arange(len(picked))]
@@ -568,7 +565,7 @@ class OnlineCalibrator:
         if not isinstance(state, dict) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
             raise BranchifyError(f"{str(path)!r} is not an online calibrator's state (format {_FORMAT!r} version "
                                  f"{_VERSION}); pass the file written by OnlineCalibrator.save")
-        start = [p.threshold for p in runner._spec.exits]
+        start = [p.threshold for p in runner.core.spec.exits]
         if start != state["start"]:
             raise BranchifyError(f"the state was saved around a runner with thresholds {state['start']}, and this "
                                  f"runner has {start}; load it around the runner it was built on")

@@ -8,11 +8,12 @@ are read back with weights-only unpickling forced, so a tampered archive cannot 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+import zipfile
 from pathlib import Path
 
 import torch
@@ -50,50 +51,81 @@ def _program_names(table: dict, path: Path) -> list[str]:
     return names
 
 
+def _dynamic_shapes(values: tuple, specs, batch) -> tuple:
+    """Batch dim ``batch`` on every tensor, and the dims the capture made dynamic (``specs[j].dynamic``) left to
+    torch.export to relate (a sequence length shared by the ids and the mask is one dim)."""
+    auto = torch.export.Dim.AUTO
+    shapes = []
+    for j, v in enumerate(values):
+        if not isinstance(v, torch.Tensor) or v.ndim == 0:
+            shapes.append(None)
+            continue
+        dims = {0: batch}
+        if specs is not None and j < len(specs):
+            dims.update({d: auto for d in specs[j].dynamic if d < v.ndim})
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def carried_specs(stage, values: tuple) -> tuple:
+    """The ``InputSpec`` of each value ``stage`` takes (what its graph's placeholders say), for ``_dynamic_shapes``."""
+    from .core import placeholder_specs
+
+    specs = placeholder_specs(stage.graph)
+    return specs if len(specs) == len(values) else None
+
+
+def _export(module, values: tuple, dynamic: tuple, what: str):
+    try:
+        return torch.export.export(module, values, dynamic_shapes=dynamic)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BranchifyError(f"torch.export could not save {what} of the runner ({type(err).__name__}: {first[:300]}); "
+                             "the runner still runs it in torch. Move the exit to another layer, or save the module's "
+                             "weights with bx.save instead") from err
+
+
 def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
     """Write ``runner`` to ``directory`` (see ``ExitRunner.save``)."""
-    if runner._hooks:
+    core = runner.core
+    if core.kind == "hooked":
         raise BranchifyError(
             "this module comes from the hook fallback (its model cannot be traced), so its forward is Python "
             "code that cannot be saved without its source; save the model's weights instead")
-    if example_inputs is None:
-        if not runner._macs.shapes:
-            raise BranchifyError(
-                "the runner has not seen an input yet, so it does not know the input shape to export; "
-                "pass example_inputs=torch.randn(1, 3, 224, 224) (your input's shape) or call the runner once")
-        example_inputs = tuple(torch.zeros((2, *s), dtype=runner._dtype, device=runner._device)
-                               for s in runner._macs.shapes[0])
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    runner._check(inputs)
-    # Batch 2 so that export does not specialise the batch dim to 1.
-    example = tuple(torch.cat([a[:1], a[:1]]) for a in inputs)
-    runner._follow_spec()
+    core.rules()  # refuses criteria that read labels, and follows a new spec
+    example = core.example(example_inputs, what="save")
+    specs = core.inputs
     values = example
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1)
     names = {"stages": [], "heads": []}
     with torch.inference_mode(False), torch.no_grad():
-        for i, stage in enumerate(runner.stages):
-            program = torch.export.export(stage, values, dynamic_shapes=tuple({0: batch} for _ in values))
+        for i, stage in enumerate(core.stages):
+            program = _export(stage, values, _dynamic_shapes(values, specs, batch), f"stage {i}")
             names["stages"].append(f"stage_{i}.pt2")
             torch.export.save(program, directory / names["stages"][-1])
             values = stage(*values)
-            if i < len(runner.heads):
-                head = torch.export.export(runner.heads[i], (values[0],), dynamic_shapes=({0: batch},))
+            specs = carried_specs(core.stages[i + 1], values) if i + 1 < len(core.stages) else None
+            if i < len(core.heads):
+                taken = tuple(values[:core.head_inputs[i]])  # the head's input, then e.g. the attention mask
+                head = _export(core.heads[i], taken, _dynamic_shapes(taken, specs, batch), f"head {i}")
                 names["heads"].append(f"head_{i}.pt2")
                 torch.export.save(head, directory / names["heads"][-1])
     table = {
         "format": _FORMAT,
         "version": _VERSION,
-        "num_classes": runner.num_classes,
-        "num_inputs": len(inputs),
-        "dtype": str(runner._dtype).removeprefix("torch."),
-        "exits": [{"layer": p.layer, "criterion": runner._spec.criterion_of(i), "threshold": p.threshold,
-                   "temperature": p.temperature} for i, p in enumerate(runner._spec.exits)],
-        # Only the exported shape: the programs take no other.
-        "macs": [{"input_shapes": [list(a.shape[1:]) for a in example],
-                  "per_exit": runner._costs(example).tolist()}],
+        "num_classes": core.num_classes,
+        "num_inputs": len(example),
+        "inputs": None if core.inputs is None else [i.to_json() for i in core.inputs],
+        "head_inputs": core.head_inputs,
+        "dtype": str(core.dtype).removeprefix("torch."),
+        "exits": [{"layer": p.layer, "criterion": core.spec.criterion_of(i), "threshold": p.threshold,
+                   "temperature": p.temperature} for i, p in enumerate(core.spec.exits)],
+        # Only the exported shape: the runner counts no other without the module.
+        "macs": [{"input_shapes": [list(a.shape[1:]) for a in example if isinstance(a, torch.Tensor)],
+                  "input_dtypes": [str(a.dtype).removeprefix("torch.") for a in example if isinstance(a, torch.Tensor)],
+                  "per_exit": core.costs(example).tolist()}],
         **names,
     }
     table[_DIGEST] = _digest(table, directory)
@@ -101,8 +133,10 @@ def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
     return directory
 
 
-def load_runner(cls, directory: str | os.PathLike):
-    """A runner of class ``cls`` read from ``directory`` (see ``ExitRunner.load``)."""
+def load_runner(directory: str | os.PathLike):
+    """The core of a runner read from ``directory`` (see ``ExitRunner.load``)."""
+    from .core import InputSpec, LoadedCore
+
     directory = Path(directory)
     path = directory / _TABLE
     if not path.is_file():
@@ -111,13 +145,13 @@ def load_runner(cls, directory: str | os.PathLike):
         table = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BranchifyError(f"{str(path)!r} is not readable JSON ({err}); it was altered or damaged. Save the "
-                             "runner again with runner.save(dir)") from None
+                             "runner again with runner.save(dir)") from err
     if not isinstance(table, dict) or table.get("format") != _FORMAT or table.get("version") not in (1, _VERSION):
         found = (table.get("format"), table.get("version")) if isinstance(table, dict) else (None, None)
         raise BranchifyError(
             f"{str(path)!r} is not a branchify runner table of version 1 or {_VERSION} (format {found[0]!r}, "
             f"version {found[1]!r}); save it again with this branchify")
-    _program_names(table, path)
+    programs = _program_names(table, path)
     if table["version"] == 1:
         warnings.warn(f"{str(path)!r} is a version-1 runner folder, which has no digest: an edit to its table or "
                       "programs cannot be detected. Save the runner again (version 2 covers every file)",
@@ -128,28 +162,62 @@ def load_runner(cls, directory: str | os.PathLike):
                              "runner.save(dir)")
     spec = ExitSpec(exits=[{"layer": e["layer"], "threshold": e["threshold"], "criterion": e["criterion"],
                             "temperature": e["temperature"]} for e in table["exits"]])
-    with _weights_only_loads():
-        stages = [torch.export.load(directory / name).module() for name in table["stages"]]
-        heads = [torch.export.load(directory / name).module() for name in table["heads"]]
-    runner = cls.__new__(cls)
-    runner._setup(module=None, spec=spec, stages=stages, heads=heads, num_classes=int(table["num_classes"]),
-                  num_inputs=int(table["num_inputs"]), dtype=getattr(torch, table["dtype"]),
-                  device=torch.device("cpu"))
+    for name in programs:
+        _check_weights_only(directory / name)
+    stages = [torch.export.load(directory / name).module() for name in table["stages"]]
+    heads = [torch.export.load(directory / name).module() for name in table["heads"]]
+    inputs = table.get("inputs")
+    if inputs is None:  # saved before the inputs were recorded: positional tensors
+        inputs = [{"name": f"input_{j}", "dtype": None, "ndim": None, "dynamic": []}
+                  for j in range(int(table["num_inputs"]))]
+    core = LoadedCore(spec=spec, stages=stages, heads=heads, head_inputs=table.get("head_inputs", [1] * len(heads)),
+                      num_classes=int(table["num_classes"]), dtype=getattr(torch, table["dtype"]),
+                      device=torch.device("cpu"), inputs=tuple(InputSpec.from_json(i) for i in inputs))
     for entry in table["macs"]:
-        runner._macs.remember(tuple(torch.Size(s) for s in entry["input_shapes"]), entry["per_exit"], runner._device)
-    return runner
+        shapes = tuple(torch.Size(s) for s in entry["input_shapes"])
+        core.macs.remember(shapes, entry["per_exit"], core.device)
+        if core.first_inputs is None:
+            dtypes = entry.get("input_dtypes") or [table["dtype"]] * len(shapes)
+            core.first_inputs = tuple((s, getattr(torch, d)) for s, d in zip(shapes, dtypes))
+    return core
 
 
-@contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """torch.export.load retries with weights_only=False when a weights-only read fails; forbid that."""
-    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
+# Where torch.export.load unpickles: payloads marked use_pickle, custom and opaque objects, the legacy
+# .pt weight and constant files, and the sample inputs (weights-only first, then a full unpickle).
+_PAYLOAD_CONFIGS = ("/data/weights/", "/data/constants/")
+_SAMPLE_INPUTS = "/data/sample_inputs/"
+
+
+def _check_weights_only(program: Path) -> None:
+    """Refuse a program archive that torch.export.load would read with a full unpickle (which can run code).
+
+    torch.export.load falls back to ``weights_only=False`` where a weights-only read fails, and reads
+    pickled payloads and objects with plain pickle; forcing weights-only through the environment would
+    change it for every thread of the process, so the archive is checked instead: every payload must be
+    a raw tensor, and the sample inputs must load weights-only."""
+    refuse = BranchifyError(f"{str(program)!r} holds pickled objects, which could run code when loaded, where a "
+                            "runner folder holds only tensors; it was altered. Save the runner again")
     try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
+        with zipfile.ZipFile(program) as archive:
+            for name in archive.namelist():
+                if any(part in name for part in _PAYLOAD_CONFIGS):
+                    tail = name.rsplit("/", 1)[-1]
+                    if tail.endswith(".pt"):
+                        raise refuse  # a legacy pickled weight or constant file
+                    if tail.endswith("_config.json"):
+                        config = json.loads(archive.read(name)).get("config", {})
+                        if any(not isinstance(p, dict) or p.get("use_pickle") is not False
+                               or not str(p.get("path_name", "")).startswith(("weight_", "tensor_"))
+                               for p in config.values()):
+                            raise refuse
+                elif _SAMPLE_INPUTS in name:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                elif "/data/aotinductor/" in name:
+                    raise refuse
+    except BranchifyError:
+        raise
+    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as err:
+        raise BranchifyError(f"{str(program)!r} is not a readable program archive ({err}); the folder was "
+                             "altered or damaged. Save the runner again") from err
+    except pickle.UnpicklingError as err:
+        raise refuse from err

@@ -258,7 +258,7 @@ def benchmark(runner: ExitRunner, inputs, batch_sizes: Sequence[int] = (1, 64), 
     if not isinstance(runner, ExitRunner):
         raise BranchifyError(f"benchmark needs a bx.ExitRunner, got {type(runner).__name__}; build one with "
                              "bx.ExitRunner(module)")
-    module = runner._module
+    module = runner.core.module
     if module is None:
         raise BranchifyError(
             "this runner was loaded from a folder, without the module it was built from, so the original model's "
@@ -266,7 +266,7 @@ def benchmark(runner: ExitRunner, inputs, batch_sizes: Sequence[int] = (1, 64), 
     sizes = _checked_sizes(batch_sizes)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
         raise BranchifyError(f"repeats={repeats!r} must be an integer >= 2 (a spread needs two timings), e.g. 5")
-    device = runner._device or torch.device("cpu")
+    device = runner.core.device or torch.device("cpu")
     pool = _pooled(inputs).map(lambda t: t.to(device))
     count = pool.batch
     if count < max(sizes):
@@ -304,19 +304,8 @@ def _slice(t: torch.Tensor, *, start: int, stop: int) -> torch.Tensor:
 
 
 def _model_call(runner: ExitRunner, batch: Inputs) -> Callable[[], object]:
-    """The original model on ``batch``: the runner's stages in turn on the whole batch (the model on the hook path)."""
-    if runner._hooks:
-        return functools.partial(batch.call, runner._module.model)
-    bound = runner._bind(batch.args, batch.kwargs)[0]
-    stages = runner._run_stages
-
-    def run() -> tuple:
-        values = bound
-        for stage in stages:
-            values = stage(*values)
-        return values
-
-    return run
+    """The original model on ``batch``: ``runner.original`` (its stages in turn; the model on the hook path)."""
+    return functools.partial(batch.call, runner.original)
 
 
 def _pooled(inputs) -> Inputs:
