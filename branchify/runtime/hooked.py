@@ -2,7 +2,8 @@
 
 A hook-path module's forward is opaque Python that cannot be cut into stages: the whole batch runs
 through the model, each exit judges the batch at its call of its layer (``layer:k``; most layers run
-once), and the forward is stopped (by raising from the hook) as soon as no sample is left; if any sample goes on, the forward
+once), and the forward is stopped (by raising from the hook) as soon as no sample is left; if any sample
+goes on, the forward
 finishes for the whole batch.
 
 The exit layers are submodules of the user's model, shared by every thread that calls the runner; the
