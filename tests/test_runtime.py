@@ -125,15 +125,54 @@ class OpLog(TorchDispatchMode):
         return sum(name in ("item", "_local_scalar_dense") for name, _ in self.ops)
 
 
+def hand_score(criterion: str, logits: torch.Tensor, temperature: float) -> float:
+    """One sample's score under ``criterion``, written out in float64 apart from branchify's criteria."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    if criterion == "entropy":
+        return float(-torch.special.xlogy(p, p).sum())
+    top = p.sort(descending=True).values
+    if criterion == "confidence":
+        return float(top[0])
+    if criterion == "margin":
+        return float(top[0] - top[1]) if len(top) > 1 else float(top[0])
+    raise NotImplementedError(f"no hand-written rule for criterion {criterion!r}")
+
+
+def by_hand(module: nn.Module, spec: bx.ExitSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample run through the module alone and routed by the rule applied by hand: it leaves at the first
+    exit that is on and whose score passes its threshold (entropy below; confidence and margin at or above),
+    else at the final exit. Returns the exit each sample took and its logits there."""
+    taken, logits = [], []
+    with torch.no_grad():
+        for i in range(len(x)):
+            outputs = module(x[i:i + 1])
+            exit_index = len(spec.exits)
+            for j, point in enumerate(spec.exits):
+                if point.threshold is None:
+                    continue
+                criterion = spec.criterion_of(j)
+                score = hand_score(criterion, outputs[j][0], point.temperature)
+                if score < point.threshold if criterion == "entropy" else score >= point.threshold:
+                    exit_index = j
+                    break
+            taken.append(exit_index)
+            logits.append(outputs[exit_index][0])
+    return torch.tensor(taken), torch.stack(logits)
+
+
 def run_and_route(module: bx.ExitModule, spec: bx.ExitSpec, x: torch.Tensor):
     """The runner on ``x``, its result, the module's outputs and ``route``'s decisions on them, which the
-    runner's must equal."""
+    runner's must equal, as they must equal a per-sample loop's that applies the rule by hand."""
     runner = bx.ExitRunner(module)
     result = runner(x)
     with torch.no_grad():
         outputs = module(x)
     decisions = route(spec, outputs[:-1])
     assert torch.equal(result.exit_index, decisions)
+    alone, alone_logits = by_hand(module, spec, x)
+    assert torch.equal(result.exit_index, alone)
+    scale = alone_logits.abs().amax(dim=1, keepdim=True).clamp_min(1.0)  # see the zoo test: compare at each scale
+    torch.testing.assert_close(result.logits / scale, alone_logits / scale, rtol=0, atol=1e-4)
     return runner, result, outputs, decisions
 
 
@@ -217,7 +256,7 @@ def test_batch_of_one_takes_each_exit_without_copies_and_one_sync_per_exit():
         with torch.no_grad():
             outputs = module(one)
         exit_index = int(route(spec, outputs[:-1]))
-        assert result.exit_index.tolist() == [exit_index]
+        assert result.exit_index.tolist() == [exit_index] == by_hand(module, spec, one)[0].tolist()
         assert torch.equal(result.logits, outputs[exit_index])  # same ops on the same batch: exact
         assert log.copies() == 0
         assert log.syncs() == min(exit_index + 1, len(spec.exits))
@@ -276,6 +315,7 @@ def test_bfloat16():
             outputs = module(x)
         assert result.logits.dtype == torch.bfloat16
         assert torch.equal(result.exit_index, route(spec, outputs[:-1]))
+        assert torch.equal(result.exit_index, by_hand(module, spec, x)[0])
         assert len(set(result.exit_index.tolist())) >= 3
         assert torch.equal(result.logits, oracle(runner, x, result.exit_index))
         torch.testing.assert_close(result.logits, expected(outputs, result.exit_index), rtol=2e-2, atol=2e-2)
@@ -299,6 +339,7 @@ def test_channels_last_inputs_keep_their_layout():
     with torch.no_grad():
         outputs = module(x)
     assert torch.equal(result.exit_index, route(spec, outputs[:-1]))
+    assert torch.equal(result.exit_index, by_hand(module, spec, x)[0])
     torch.testing.assert_close(result.logits, expected(outputs, result.exit_index), rtol=1e-4, atol=1e-5)
     assert layouts == [True]  # the compacted sub-batch is still channels last
 
@@ -425,6 +466,7 @@ def test_hook_fallback_stops_the_forward_once_every_sample_has_left():
         assert calls == [1]
         decisions = route(spec, outputs[:-1])
         assert torch.equal(result.exit_index, decisions) and len(set(decisions.tolist())) == 3
+        assert torch.equal(result.exit_index, by_hand(module, spec, x)[0])
         assert torch.equal(result.logits, expected(outputs, decisions))  # nothing compacted: exact
     finally:
         handle.remove()
