@@ -59,3 +59,17 @@ def test_report_shows_an_exit_that_calibration_switched_off(tmp_path, capsys, th
     out = capsys.readouterr().out
     assert f"{checkpoint}: resnet20_cifar, exits after layer1, layer2, criterion 'entropy', {shown}" in out
     assert "Totals for entire network with early exits" in out
+
+
+def test_the_demos_model_keeps_the_original_output_and_its_routed_report_counts_every_sample(capsys):
+    """The demo's own pieces in the fast tier (its full run is slow): the ResNet-18 it builds and the report."""
+    from branchify.commands import demo
+
+    model, module, example = demo.build(seed=0)
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        assert torch.equal(module.eval()(images)[-1], model.eval()(images))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
+    summary = demo.routed_report(module, loader, bx.exit_costs(module, example))
+    assert summary.samples == 16 and sum(row.taken for row in summary.exits) == 16
+    assert "Totals for entire network with early exits" in capsys.readouterr().out
