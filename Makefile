@@ -41,11 +41,11 @@ test: $(VENV)/.dev-installed
 check: $(VENV)/.dev-installed
 	$(TEST_ENV) $(PY) -m pytest --doctest-modules --durations=15 $(PYTEST_ARGS) tests branchify; \
 	status=$$?; if [ -n "$(STATUS_FILE)" ]; then echo $$status > "$(STATUS_FILE)"; fi; exit $$status
-	$(MAKE) docs
+	$(MAKE) --no-print-directory docs
 
 # The strict site build; it executes the quick-start notebook (cached under .cache/mkdocs-jupyter).
 docs: $(VENV)/.dev-installed
-	$(VENV)/bin/mkdocs build --strict --quiet -d $(SITE)
+	$(TEST_ENV) $(VENV)/bin/mkdocs build --strict --quiet -d $(SITE)
 
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check branchify tests benchmarks examples docs
