@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from by_hand import by_hand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -353,6 +354,9 @@ def check_runner_routes_as_statistics(rc: RoutedCase) -> bool:
     result = bx.ExitRunner(module)(x)
     taken = route(module.exit_spec, outputs[:-1])
     assert torch.equal(result.exit_index, taken)
+    alone, alone_logits = by_hand(module, module.exit_spec, x)  # thresholds keep 1e-3 from every score
+    assert torch.equal(result.exit_index, alone)
+    torch.testing.assert_close(result.logits, alone_logits, rtol=1e-4, atol=1e-5)
     expected = torch.stack(outputs)[taken, torch.arange(x.shape[0])]
     torch.testing.assert_close(result.logits, expected, rtol=1e-4, atol=1e-5)
     return len(taken.unique()) > 1

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 import zoo
+from by_hand import by_hand
 from exits import expected, spread_heads, with_mix
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -123,41 +124,6 @@ class OpLog(TorchDispatchMode):
     def syncs(self) -> int:
         # Under inference_mode the dispatcher sees item() itself rather than _local_scalar_dense.
         return sum(name in ("item", "_local_scalar_dense") for name, _ in self.ops)
-
-
-def hand_score(criterion: str, logits: torch.Tensor, temperature: float) -> float:
-    """One sample's score under ``criterion``, written out in float64 apart from branchify's criteria."""
-    p = torch.softmax(logits.double() / temperature, dim=-1)
-    if criterion == "entropy":
-        return float(-torch.special.xlogy(p, p).sum())
-    top = p.sort(descending=True).values
-    if criterion == "confidence":
-        return float(top[0])
-    if criterion == "margin":
-        return float(top[0] - top[1]) if len(top) > 1 else float(top[0])
-    raise NotImplementedError(f"no hand-written rule for criterion {criterion!r}")
-
-
-def by_hand(module: nn.Module, spec: bx.ExitSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample run through the module alone and routed by the rule applied by hand: it leaves at the first
-    exit that is on and whose score passes its threshold (entropy below; confidence and margin at or above),
-    else at the final exit. Returns the exit each sample took and its logits there."""
-    taken, logits = [], []
-    with torch.no_grad():
-        for i in range(len(x)):
-            outputs = module(x[i:i + 1])
-            exit_index = len(spec.exits)
-            for j, point in enumerate(spec.exits):
-                if point.threshold is None:
-                    continue
-                criterion = spec.criterion_of(j)
-                score = hand_score(criterion, outputs[j][0], point.temperature)
-                if score < point.threshold if criterion == "entropy" else score >= point.threshold:
-                    exit_index = j
-                    break
-            taken.append(exit_index)
-            logits.append(outputs[exit_index][0])
-    return torch.tensor(taken), torch.stack(logits)
 
 
 def run_and_route(module: bx.ExitModule, spec: bx.ExitSpec, x: torch.Tensor):
