@@ -1,10 +1,17 @@
 # The two commands a new user needs: `make demo` and `make test`.
+# Two test tiers (tests/conftest.py says what is slow): `make test` runs the fast tier (a few minutes on two
+# cores: every module and public function at least once); `make check` runs everything (the slow marks,
+# the doctests, the whole zoo, full Hypothesis runs), then the strict docs build, and is what CI runs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?=
+# One torch thread per test process: small tensors on a few shared cores run faster without a thread
+# pool (the tests that time or spawn set their own threads).
+TEST_ENV := OMP_NUM_THREADS=1
+SITE := $(or $(TMPDIR),/tmp)/branchify-site
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test check docs lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,8 +35,17 @@ demo: $(VENV)/.demo-installed
 	$(PY) -m branchify.commands.demo
 
 test: $(VENV)/.dev-installed
-	$(PY) -m pytest $(PYTEST_ARGS)
-	$(VENV)/bin/mkdocs build --strict --quiet -d $(or $(TMPDIR),/tmp)/branchify-site
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+
+# STATUS_FILE (.ci/run sets it) receives pytest's own exit status, which make would turn into its own 2.
+check: $(VENV)/.dev-installed
+	$(TEST_ENV) $(PY) -m pytest --doctest-modules --durations=15 $(PYTEST_ARGS) tests branchify; \
+	status=$$?; if [ -n "$(STATUS_FILE)" ]; then echo $$status > "$(STATUS_FILE)"; fi; exit $$status
+	$(MAKE) --no-print-directory docs
+
+# The strict site build; it executes the quick-start notebook (cached under .cache/mkdocs-jupyter).
+docs: $(VENV)/.dev-installed
+	$(TEST_ENV) $(VENV)/bin/mkdocs build --strict --quiet -d $(SITE)
 
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check branchify tests benchmarks examples docs

@@ -218,6 +218,7 @@ def test_ddp_training_matches_a_single_process_over_the_global_batch(tmp_path):
         torch.testing.assert_close(ranks[0][name], single[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
+@pytest.mark.slow
 def test_fsdp_training_matches_a_single_process_and_saves_a_loadable_checkpoint(tmp_path):
     torch.manual_seed(0)
     initial = build(**FSDP_ATTACH)
@@ -241,6 +242,7 @@ def test_fsdp_training_matches_a_single_process_and_saves_a_loadable_checkpoint(
         torch.testing.assert_close(sharded[name], single[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
+@pytest.mark.slow
 def test_the_torchrun_example_trains_and_saves_a_loadable_checkpoint(tmp_path):
     # The command docs/distributed.md gives (torchrun is torch.distributed.run); --standalone finds a free port.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -289,7 +291,7 @@ def assert_same(got, want) -> None:
         assert got == want
 
 
-@pytest.mark.parametrize("kind", ["stats", "stats_empty"])
+@pytest.mark.parametrize("kind", ["stats", pytest.param("stats_empty", marks=pytest.mark.slow)])
 def test_statistics_all_reduced_over_ranks_equal_one_process_over_all_the_data(tmp_path, kind):
     run_workers(tmp_path, kind)
     for mode in ("routed", "forced"):
@@ -427,6 +429,7 @@ def assert_close_figures(got, want, what: str = "") -> None:
         assert got == want, what
 
 
+@pytest.mark.slow
 def test_calibration_over_sharded_loaders_equals_one_process_over_the_whole_data(tmp_path):
     run_workers(tmp_path, "calibrate")
     data, module = cal_data(), cal_module()
@@ -449,6 +452,7 @@ def test_calibration_over_sharded_loaders_equals_one_process_over_the_whole_data
             assert any(m is not None and fragment in m for m in messages), fragment
 
 
+@pytest.mark.slow
 def test_sweep_over_sharded_loaders_equals_one_process_over_the_whole_data(tmp_path):
     run_workers(tmp_path, "sweep")
     train_data, val_data = sweep_data()
@@ -460,6 +464,7 @@ def test_sweep_over_sharded_loaders_equals_one_process_over_the_whole_data(tmp_p
     assert_close_figures(ranks[0], whole)
 
 
+@pytest.mark.slow
 def test_the_torchrun_evaluation_example_gives_every_rank_the_one_process_figures(tmp_path):
     import torchvision
 

@@ -1,8 +1,14 @@
 """Fuzzing the loaders: a saved checkpoint or runner folder with bytes flipped, cut short or its header
-edited either loads exactly what was saved or is refused with a BranchifyError; nothing else escapes."""
+edited either loads exactly what was saved or is refused with a BranchifyError; nothing else escapes.
+
+The positive controls at the end keep this from passing by refusing everything: the files unchanged load
+exactly, and the comparison used tells another module apart. The number of examples comes from the
+Hypothesis profile of the tier (tests/conftest.py).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import warnings
@@ -16,13 +22,12 @@ from torch import nn
 
 import branchify as bx
 
-EXAMPLES = 300
 X = torch.randn(1, 8)
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+FUZZ = settings(deadline=None, derandomize=True, database=None)
 
 
-def model() -> nn.Module:
-    torch.manual_seed(0)
+def model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
@@ -42,7 +47,7 @@ def _same_module(loaded: nn.Module) -> bool:
                 and all(torch.equal(a, b) for a, b in zip(loaded.eval()(x), MODULE(x))))
 
 
-def _check_checkpoint(data: bytes, tmp: Path) -> None:
+def _check_checkpoint(data: bytes, tmp: Path) -> str:
     path = tmp / "fuzzed.safetensors"
     path.write_bytes(data)
     try:
@@ -50,8 +55,9 @@ def _check_checkpoint(data: bytes, tmp: Path) -> None:
             warnings.simplefilter("ignore")
             loaded = bx.load(path, model(), X)
     except bx.BranchifyError:
-        return
+        return "refused"
     assert _same_module(loaded), "a damaged checkpoint loaded as something else"
+    return "loaded"
 
 
 @FUZZ
@@ -87,7 +93,13 @@ def test_checkpoint_with_an_edited_header_entry(key, value):
         _check_checkpoint(len(raw).to_bytes(8, "little") + raw + CHECKPOINT[8 + HEADER_LENGTH:], Path(tmp))
 
 
-def _check_runner(files: dict[str, bytes]) -> None:
+def _same_results(want: bx.ExitRunner, got: bx.ExitRunner) -> bool:
+    x = torch.randn(5, 8)
+    a, b = want(x), got(x)
+    return torch.equal(a.exit_index, b.exit_index) and torch.equal(a.macs, b.macs) and torch.equal(a.logits, b.logits)
+
+
+def _check_runner(files: dict[str, bytes]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
@@ -96,10 +108,9 @@ def _check_runner(files: dict[str, bytes]) -> None:
                 warnings.simplefilter("ignore")
                 loaded = bx.ExitRunner.load(tmp)
         except bx.BranchifyError:
-            return
-        x = torch.randn(5, 8)
-        want, got = bx.ExitRunner(MODULE)(x), loaded(x)
-        assert torch.equal(want.exit_index, got.exit_index) and torch.equal(want.macs, got.macs)
+            return "refused"
+        assert _same_results(bx.ExitRunner(MODULE), loaded), "a damaged runner folder loaded as something else"
+        return "loaded"
 
 
 @FUZZ
@@ -120,3 +131,23 @@ def test_runner_folder_with_a_file_cut_short(name, data):
 @pytest.mark.parametrize("name", sorted(FILES))
 def test_runner_folder_with_a_file_missing(name):
     _check_runner({k: v for k, v in FILES.items() if k != name})
+
+
+# ---- positive controls --------------------------------------------------------------------------
+
+def test_the_files_unchanged_load_exactly(tmp_path):
+    """The checks above accept a file that is not damaged: without this, a loader refusing everything passes."""
+    assert _check_checkpoint(CHECKPOINT, tmp_path) == "loaded"
+    assert _check_runner(FILES) == "loaded"
+    loaded = bx.ExitRunner.load(RUNNER)
+    assert _same_results(bx.ExitRunner(MODULE), loaded)
+
+
+def test_the_comparison_tells_another_module_apart():
+    """The checks above would see a damaged file that loads as another module: other weights, other thresholds."""
+    other = bx.attach_exits(model(seed=1), SPEC, X).eval()
+    assert not _same_module(other)
+    assert not _same_results(bx.ExitRunner(MODULE), bx.ExitRunner(other))
+    retuned = copy.deepcopy(MODULE)
+    retuned.exit_spec = SPEC.with_exits(threshold=[0.5, 0.5])
+    assert not _same_module(retuned)

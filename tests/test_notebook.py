@@ -40,6 +40,7 @@ def kernel_for_this_interpreter(tmp_path, monkeypatch):
     return KERNEL
 
 
+@pytest.mark.slow
 def test_notebook_runs_and_shows_tables_and_a_plot(tmp_path, kernel_for_this_interpreter):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, kernel_name=kernel_for_this_interpreter, timeout=900,

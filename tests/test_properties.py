@@ -6,7 +6,8 @@ residual adds, MLPs, token models) is built once, lazily, and hypothesis draws a
 then a spec over that model's exit points. Hypothesis runs derandomized, so every run (and CI)
 sees the same examples; each example seeds torch itself, so a shrunk failure replays exactly.
 
-Each property runs 300 examples by default and 2000 under ``-m slow``.
+Each property runs as many examples as the tier's Hypothesis profile says (tests/conftest.py: a few dozen in
+the fast tier, a thousand in the full one).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from by_hand import by_hand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -34,18 +36,16 @@ from branchify.routing import route
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
-EXAMPLES = [pytest.param(300, id="300"), pytest.param(2000, id="2000", marks=pytest.mark.slow)]
-
-
-def run(examples: int, strategy: st.SearchStrategy, check: Callable) -> list:
-    """Check ``check`` on ``examples`` draws of ``strategy``, reproducibly; returns what each check returned.
+def run(strategy: st.SearchStrategy, check: Callable) -> list:
+    """Check ``check`` on draws of ``strategy`` (as many as the tier's profile says), reproducibly; returns what
+    each check returned.
 
     The returned values let a test assert that the property did not pass vacuously (that batches
     were split between exits, that some specs validated and others did not).
     """
     results: list = []
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+    @settings(deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(strategy)
     def property_(case):
@@ -354,24 +354,24 @@ def check_runner_routes_as_statistics(rc: RoutedCase) -> bool:
     result = bx.ExitRunner(module)(x)
     taken = route(module.exit_spec, outputs[:-1])
     assert torch.equal(result.exit_index, taken)
+    alone, alone_logits = by_hand(module, module.exit_spec, x)  # thresholds keep 1e-3 from every score
+    assert torch.equal(result.exit_index, alone)
+    torch.testing.assert_close(result.logits, alone_logits, rtol=1e-4, atol=1e-5)
     expected = torch.stack(outputs)[taken, torch.arange(x.shape[0])]
     torch.testing.assert_close(result.logits, expected, rtol=1e-4, atol=1e-5)
     return len(taken.unique()) > 1
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_final_output_is_the_original_and_outputs_have_the_right_shapes(examples):
-    run(examples, cases(), check_final_output_and_shapes)
+def test_final_output_is_the_original_and_outputs_have_the_right_shapes():
+    run(cases(), check_final_output_and_shapes)
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_loss_is_finite_matches_its_formula_and_reaches_every_head(examples):
-    run(examples, cases(weights=True), check_loss)
+def test_loss_is_finite_matches_its_formula_and_reaches_every_head():
+    run(cases(weights=True), check_loss)
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_runner_takes_the_exits_routed_statistics_take(examples):
-    mixed = run(examples, routed_cases(), check_runner_routes_as_statistics)
+def test_runner_takes_the_exits_routed_statistics_take():
+    mixed = run(routed_cases(), check_runner_routes_as_statistics)
     assert share(mixed) > 0.3, "too few batches were split between exits for the property to mean much"
 
 
@@ -545,24 +545,21 @@ def check_distiller_args(args: tuple) -> bool:
     return spec is not None
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_spec_objects_validate_or_raise_a_branchify_error(examples):
-    valid = run(examples, spec_objects, check_spec_object)
+def test_spec_objects_validate_or_raise_a_branchify_error():
+    valid = run(spec_objects, check_spec_object)
     assert 0.2 < share(valid) < 0.8
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_json_text_validates_or_raises_a_branchify_error(examples):
+def test_json_text_validates_or_raises_a_branchify_error():
     texts = st.text(max_size=40) | st.binary(max_size=40) | spec_objects.map(json.dumps) | st.sampled_from(
         ['{"exits": [{"layer": "a"}]', '{"exits": null}', "[]", '"exits"', '{"exits": [{"layer": "a"}]} x', ""])
-    valid = run(examples, texts, lambda text: check_valid_spec_invariants(
+    valid = run(texts, lambda text: check_valid_spec_invariants(
         validated(lambda: bx.ExitSpec.model_validate_json(text))))
     assert 0.05 < share(valid) < 0.8
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_distiller_flags_validate_or_raise_a_branchify_error(examples):
-    valid = run(examples, distiller_args(), check_distiller_args)
+def test_distiller_flags_validate_or_raise_a_branchify_error():
+    valid = run(distiller_args(), check_distiller_args)
     assert 0.2 < share(valid) < 0.8
 
 
@@ -581,11 +578,10 @@ def with_exits_changes(draw) -> dict:
     return changes
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_with_exits_validates_or_raises_a_branchify_error(examples):
+def test_with_exits_validates_or_raises_a_branchify_error():
     base = bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5, weight=0.1),
                               bx.ExitPoint(layer="b", threshold=0.2, weight=0.2)])
-    valid = run(examples, with_exits_changes(),
+    valid = run(with_exits_changes(),
                 lambda update: check_valid_spec_invariants(validated(lambda: base.with_exits(**update))))
     assert 0.05 < share(valid) < 0.95
 
@@ -658,9 +654,8 @@ def check_validated_spec_attaches_or_explains(args: tuple[dict, int]) -> str:
     return "attached"
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_a_spec_that_validates_attaches_or_raises_a_branchify_error(examples):
-    outcomes = run(examples, fixed_specs(), check_validated_spec_attaches_or_explains)
+def test_a_spec_that_validates_attaches_or_raises_a_branchify_error():
+    outcomes = run(fixed_specs(), check_validated_spec_attaches_or_explains)
     assert share(outcomes, "attached") > 0.15 and share(outcomes, "refused") > 0.05
 
 

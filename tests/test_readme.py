@@ -5,6 +5,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).parents[1] / "README.md"
 MAX_LINES = 12  # the whole digits job: load data, attach, fit, calibrate, run, benchmark
 
@@ -29,6 +31,7 @@ def test_the_quick_start_is_the_whole_job_in_at_most_12_lines():
     assert code == blocks()[0]  # it runs first, below
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run():
     found = blocks()
     assert len(found) >= 4

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 import zoo
+from by_hand import by_hand
 from exits import expected, spread_heads, with_mix
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -127,13 +128,17 @@ class OpLog(TorchDispatchMode):
 
 def run_and_route(module: bx.ExitModule, spec: bx.ExitSpec, x: torch.Tensor):
     """The runner on ``x``, its result, the module's outputs and ``route``'s decisions on them, which the
-    runner's must equal."""
+    runner's must equal, as they must equal a per-sample loop's that applies the rule by hand."""
     runner = bx.ExitRunner(module)
     result = runner(x)
     with torch.no_grad():
         outputs = module(x)
     decisions = route(spec, outputs[:-1])
     assert torch.equal(result.exit_index, decisions)
+    alone, alone_logits = by_hand(module, spec, x)
+    assert torch.equal(result.exit_index, alone)
+    scale = alone_logits.abs().amax(dim=1, keepdim=True).clamp_min(1.0)  # see the zoo test: compare at each scale
+    torch.testing.assert_close(result.logits / scale, alone_logits / scale, rtol=0, atol=1e-4)
     return runner, result, outputs, decisions
 
 
@@ -217,7 +222,7 @@ def test_batch_of_one_takes_each_exit_without_copies_and_one_sync_per_exit():
         with torch.no_grad():
             outputs = module(one)
         exit_index = int(route(spec, outputs[:-1]))
-        assert result.exit_index.tolist() == [exit_index]
+        assert result.exit_index.tolist() == [exit_index] == by_hand(module, spec, one)[0].tolist()
         assert torch.equal(result.logits, outputs[exit_index])  # same ops on the same batch: exact
         assert log.copies() == 0
         assert log.syncs() == min(exit_index + 1, len(spec.exits))
@@ -276,6 +281,7 @@ def test_bfloat16():
             outputs = module(x)
         assert result.logits.dtype == torch.bfloat16
         assert torch.equal(result.exit_index, route(spec, outputs[:-1]))
+        assert torch.equal(result.exit_index, by_hand(module, spec, x)[0])
         assert len(set(result.exit_index.tolist())) >= 3
         assert torch.equal(result.logits, oracle(runner, x, result.exit_index))
         torch.testing.assert_close(result.logits, expected(outputs, result.exit_index), rtol=2e-2, atol=2e-2)
@@ -299,6 +305,7 @@ def test_channels_last_inputs_keep_their_layout():
     with torch.no_grad():
         outputs = module(x)
     assert torch.equal(result.exit_index, route(spec, outputs[:-1]))
+    assert torch.equal(result.exit_index, by_hand(module, spec, x)[0])
     torch.testing.assert_close(result.logits, expected(outputs, result.exit_index), rtol=1e-4, atol=1e-5)
     assert layouts == [True]  # the compacted sub-batch is still channels last
 
@@ -425,6 +432,7 @@ def test_hook_fallback_stops_the_forward_once_every_sample_has_left():
         assert calls == [1]
         decisions = route(spec, outputs[:-1])
         assert torch.equal(result.exit_index, decisions) and len(set(decisions.tolist())) == 3
+        assert torch.equal(result.exit_index, by_hand(module, spec, x)[0])
         assert torch.equal(result.logits, expected(outputs, decisions))  # nothing compacted: exact
     finally:
         handle.remove()

@@ -1,4 +1,5 @@
-"""Every torchvision classification builder: exits attach, the final output is exact, gradients flow."""
+"""Every torchvision classification builder: exits attach, the final output is exact, gradients flow (the fast
+tier checks the representatives in ``zoo.FAST``, the full tier every builder)."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import zoo
 import branchify as bx
 
 
-@pytest.mark.parametrize("name", zoo.zoo_names())
+@pytest.mark.parametrize("name", zoo.zoo_params())
 def test_zoo_model_gets_exits_and_keeps_its_output(name):
     model = zoo.build(name).eval()
     size = zoo.input_size(name)

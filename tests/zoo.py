@@ -1,9 +1,19 @@
-"""The torchvision classification zoo at small input sizes (shared by tests and benchmarks)."""
+"""The torchvision classification zoo at small input sizes (shared by tests and benchmarks).
+
+Its breadth is the tier's: ``zoo_params()`` marks every builder slow except the fast tier's representatives
+(``FAST``, or the names in ``BRANCHIFY_ZOO``: a comma-separated list, or ``all``), so ``make test`` checks
+one model per test and ``make check`` the whole zoo.
+"""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 import torchvision
+
+FAST = ("resnet18",)  # the library's own example, and among the cheapest at 64x64
 
 # Smallest convenient input per model family: every builder accepts these at random weights.
 _SIZE_OVERRIDES = {
@@ -21,6 +31,24 @@ _BUILD_KWARGS = {
 
 def zoo_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def fast_names() -> set[str]:
+    """The builders the fast tier checks: ``FAST`` unless ``BRANCHIFY_ZOO`` names others (or ``all``)."""
+    chosen = os.environ.get("BRANCHIFY_ZOO", "").strip()
+    if chosen == "all":
+        return set(zoo_names())
+    names = {name.strip() for name in chosen.split(",") if name.strip()} or set(FAST)
+    unknown = names - set(zoo_names())
+    if unknown:
+        raise ValueError(f"BRANCHIFY_ZOO names {sorted(unknown)}, not torchvision builders; see zoo.zoo_names()")
+    return names
+
+
+def zoo_params() -> list:
+    """Every builder as a pytest parameter, slow unless it is one of ``fast_names()``."""
+    fast = fast_names()
+    return [pytest.param(name, marks=() if name in fast else pytest.mark.slow) for name in zoo_names()]
 
 
 def input_size(name: str) -> int:

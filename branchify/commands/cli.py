@@ -362,7 +362,9 @@ def _report(args: argparse.Namespace) -> None:
     loader = limit_batches(getattr(loaders, args.split), args.limit_batches)
     stats = evaluate(module, loader, spec=spec, costs=costs, device=device)
     summary = stats.summary()
-    thresholds = "none" if spec.thresholds is None else ", ".join(f"{t:g}" for t in spec.thresholds)
+    # An exit calibration switched off has threshold None while the others route.
+    thresholds = "none" if spec.thresholds is None else ", ".join("off" if t is None else f"{t:g}"
+                                                                  for t in spec.thresholds)
     print(f"{args.checkpoint}: {args.arch}, exits after {', '.join(spec.layers)}, criterion {spec.criterion!r}, "
           f"thresholds {thresholds}")
     print(f"--- {'validate' if args.split == 'val' else 'test'} ---------------------")

@@ -1,0 +1,44 @@
+"""The routing rule applied by hand, one sample at a time: the independent reference for the runner and for
+``branchify.routing.route`` (tests/test_runtime.py, tests/test_properties.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import branchify as bx
+
+
+def hand_score(criterion: str, logits: torch.Tensor, temperature: float) -> float:
+    """One sample's score under ``criterion``, written out in float64 apart from branchify's criteria."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    if criterion == "entropy":
+        return float(-torch.special.xlogy(p, p).sum())
+    top = p.sort(descending=True).values
+    if criterion == "confidence":
+        return float(top[0])
+    if criterion == "margin":
+        return float(top[0] - top[1]) if len(top) > 1 else float(top[0])
+    raise NotImplementedError(f"no hand-written rule for criterion {criterion!r}")
+
+
+def by_hand(module: nn.Module, spec: bx.ExitSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample run through the module alone and routed by the rule applied by hand: it leaves at the first
+    exit that is on and whose score passes its threshold (entropy below; confidence and margin at or above),
+    else at the final exit. Returns the exit each sample took and its logits there."""
+    taken, logits = [], []
+    with torch.no_grad():
+        for i in range(len(x)):
+            outputs = module(x[i:i + 1])
+            exit_index = len(spec.exits)
+            for j, point in enumerate(spec.exits):
+                if point.threshold is None:
+                    continue
+                criterion = spec.criterion_of(j)
+                score = hand_score(criterion, outputs[j][0], point.temperature)
+                if score < point.threshold if criterion == "entropy" else score >= point.threshold:
+                    exit_index = j
+                    break
+            taken.append(exit_index)
+            logits.append(outputs[exit_index][0])
+    return torch.tensor(taken, dtype=torch.int64), torch.stack(logits)
