@@ -7,20 +7,22 @@ and the block input. Every stage returns a tuple whose first item is its exit's 
 
 Parameters and buffers stay inside the stage that uses them (``torch.fx.passes.split_module`` hoists
 ``get_attr`` nodes into stage inputs instead). Values that are not per-sample activations are never
-carried: anything that does not depend on the input (a parameter, a relative position bias computed
-from buffers) and shape arithmetic (``x.shape[0]``) are recomputed in the stage that reads them, so a
-carried batch size can never go stale when the batch shrinks.
+carried: anything that depends on the inputs at most through their shapes (a parameter, a relative
+position bias computed from buffers, shape arithmetic such as ``x.shape[0]``, position ids and a RoPE
+model's rotary cos/sin computed from the sequence length) is recomputed in the stage that reads it,
+from the sub-batch that stage runs on, so a carried batch size can never go stale when the batch
+shrinks, and a value with no batch dim never needs compacting.
 """
 
 from __future__ import annotations
 
 import builtins
-import math
 import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch._library.utils import is_impure
 
 from ._trace import QUALNAME
 from .errors import BranchifyError
@@ -31,12 +33,8 @@ __all__ = ["Stages", "extract_stages"]
 _SYM_SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
-# Functions that, applied to shape values, give shape values (``h // 16``, ``shape[0]``, ``len(shape)``).
-_SHAPE_FUNCTIONS = {
-    *(getattr(operator, name) for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
-                                           "eq", "ne", "lt", "le", "gt", "ge", "pow")),
-    builtins.len, builtins.int, builtins.min, builtins.max, math.prod,
-}
+_RANDOM_METHODS = {"uniform_", "normal_", "bernoulli", "bernoulli_", "random_", "exponential_", "geometric_",
+                   "cauchy_", "log_normal_"}
 
 
 @dataclass(frozen=True)
@@ -103,55 +101,65 @@ def _written(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return target, views
 
 
-def _recomputable(nodes: list[fx.Node]) -> tuple[set[fx.Node], dict[fx.Node, list[fx.Node]]]:
-    """Nodes a later stage recomputes rather than receives: input-free values and shape arithmetic.
+def _reads_shape(node: fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's shape, dims, dtype or device (not its values)."""
+    return ((node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
+             and node.args[1] in _SHAPE_ATTRS)
+            or (node.op == "call_method" and node.target in _SHAPE_METHODS)
+            or (node.op == "call_function" and node.target in _SYM_SIZE_OPS))  # torch.export's x.shape[i]
 
-    An input-free value that is filled in place (``bias = torch.zeros(...); bias[:, :4] = 5``) is
-    recomputed together with those writes, when they are input-free too and all come before its first
-    read; otherwise it is not recomputed (a stage that needs it must receive it). Returns the nodes
-    and, per recomputed node, the writes to copy right after it.
+
+def _effectful(node: fx.Node) -> bool:
+    """Whether running ``node`` again would differ from reading its value: a guard, a print, a random draw.
+
+    Writes into the first argument are not counted here: ``_recomputable`` copies them with their target."""
+    if node.op == "call_method":
+        return node.target in _RANDOM_METHODS
+    if node.op != "call_function":
+        return False
+    if _mutates(node):
+        return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+    return is_impure(node.target, args=node.args, kwargs=node.kwargs)
+
+
+def _recomputable(nodes: list[fx.Node]) -> tuple[set[fx.Node], dict[fx.Node, list[fx.Node]]]:
+    """Nodes a later stage recomputes rather than receives: those that depend on the inputs at most through
+    their shapes (parameters, shape arithmetic, and what is computed from them alone: position ids, rotary
+    cos/sin, a causal mask from the sequence length). Recomputed from the sub-batch a stage runs on, such a
+    value is exactly the one the model computes for those samples, whatever its batch dim; carried, a
+    value with no batch dim could not be compacted.
+
+    A value that is filled in place (``bias = torch.zeros(...); bias[:, :4] = 5``) is recomputed together
+    with those writes, when they are recomputable too and all come before its first read; otherwise it is
+    not recomputed (a stage that needs it must receive it). Effectful nodes (guards, random draws) run once,
+    where the model runs them. Returns the nodes and, per recomputed node, the writes to copy right after it.
     """
     position = {n: i for i, n in enumerate(nodes)}
     blocked: set[fx.Node] = set()
     while True:
-        free: set[fx.Node] = set()
+        derived: set[fx.Node] = set()
         for node in nodes:
-            inputs = node.all_input_nodes
-            if node not in blocked and node.op in ("get_attr", "call_module", "call_function", "call_method") \
-                    and all(a in free for a in inputs):
-                free.add(node)
+            if node in blocked or node.op not in ("get_attr", "call_module", "call_function", "call_method"):
+                continue
+            if _reads_shape(node) or (not _effectful(node) and all(a in derived for a in node.all_input_nodes)):
+                derived.add(node)
         writes: dict[fx.Node, list[fx.Node]] = {}
         on_the_way: dict[fx.Node, set[fx.Node]] = {}
         for node in nodes:
             if _mutates(node) and node.args and isinstance(node.args[0], fx.Node):
                 target, views = _written(node)
-                if target in free:
+                if target in derived:
                     writes.setdefault(target, []).append(node)
                     on_the_way.setdefault(target, set()).update(views)
         newly = set()
         for target, mutators in writes.items():
             reads = [u for u in target.users if u not in mutators and u not in on_the_way[target]]
-            if any(m not in free for m in mutators) or (
+            if any(m not in derived for m in mutators) or (
                     reads and max(position[m] for m in mutators) > min(position[u] for u in reads)):
                 newly.add(target)
         if not newly:
-            break
+            return derived, writes
         blocked |= newly
-    shape: set[fx.Node] = set()
-    for node in nodes:
-        inputs = node.all_input_nodes
-        if node in free:
-            continue
-        reads_shape = (
-            (node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
-             and node.args[1] in _SHAPE_ATTRS)
-            or (node.op == "call_method" and node.target in _SHAPE_METHODS)
-            or (node.op == "call_function" and node.target in _SYM_SIZE_OPS)  # torch.export's x.shape[i]
-        )
-        if reads_shape or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS and inputs
-                           and all(a in shape or a in free for a in inputs)):
-            shape.add(node)
-    return free | shape, writes
 
 
 def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
@@ -220,17 +228,20 @@ def extract_stages(root: nn.Module, graph: fx.Graph) -> Stages:
         sources = [n for n in body if n.op == "placeholder"] if stage == 0 else carried[stage - 1]
         result = carried[stage] if stage < len(anchors) else [final]
         members = [n for n in body if stage_of[n] == stage and n.op != "placeholder"]
-        modules.append(_build(root, sources, members, result, recompute, writes, f"ExitStage{stage}"))
+        modules.append(_build(root, sources, members, result, recompute, writes, f"ExitStage{stage}",
+                              defaults=stage == 0))
     return Stages(modules, [[n.name for n in c] for c in carried], [1 + len(e) for e in extras])
 
 
 def _build(root: nn.Module, sources: list[fx.Node], members: list[fx.Node], result: list[fx.Node],
-           recompute: set[fx.Node], writes: dict[fx.Node, list[fx.Node]], class_name: str) -> fx.GraphModule:
+           recompute: set[fx.Node], writes: dict[fx.Node, list[fx.Node]], class_name: str, *,
+           defaults: bool) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for source in sources:
-        # The model's own inputs keep their defaults; carried values become plain inputs.
-        env[source] = graph.node_copy(source) if source.op == "placeholder" else graph.placeholder(source.name)
+        # The first stage takes the model's inputs with their defaults; later stages take every carried
+        # value as a plain input (a defaulted input carried before a non-defaulted one is no valid forward).
+        env[source] = graph.node_copy(source) if defaults else graph.placeholder(source.name)
         env[source].meta = dict(source.meta)
 
     def value(node: fx.Node) -> fx.Node:

