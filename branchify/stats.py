@@ -96,18 +96,6 @@ class ExitStats:
                     UserWarning, stacklevel=2)
         self.reset()
 
-    def _allocate(self, classes: int, device: torch.device) -> None:
-        k = len(self.spec.exits)
-        maxk = min(max(self.topk), classes)
-        self._table = torch.zeros(k + 1, maxk + 1, dtype=torch.int64, device=device)
-        self._loss = torch.zeros(k + 1, dtype=torch.float64, device=device)
-        self._invalid = torch.zeros((), dtype=torch.int64, device=device)
-        # routed with labels: per class and exit, the samples taken and the top-1 hits among them
-        self._per_class = torch.zeros(classes, k + 1, 2, dtype=torch.int64, device=device)
-
-    def _counts(self) -> list[torch.Tensor]:
-        return [self._table, self._loss, self._invalid, self._per_class]
-
     def merge(self, other: ExitStats) -> ExitStats:
         """Add ``other``'s samples to these statistics (the same spec, mode and top-k); returns ``self``.
 
@@ -129,18 +117,7 @@ class ExitStats:
                 "these statistics differ in spec, mode or topk from the ones merged in "
                 f"(mode {self.mode!r} vs {other.mode!r}, topk {self.topk} vs {other.topk}, same spec: "
                 f"{self.spec == other.spec}); merge statistics made with the same arguments")
-        if other._table is None:
-            return self
-        if self._table is None:
-            self._allocate(other._num_classes, other._table.device)
-        elif (other._num_classes, other._labeled) != (self._num_classes, self._labeled):
-            raise BranchifyError(
-                f"these statistics have {self._num_classes} classes and were given targets: {self._labeled}; the "
-                f"ones merged in {other._num_classes} and {other._labeled}; merge statistics of one model, "
-                "all with targets or all without")
-        for mine, theirs in zip(self._counts(), other._counts()):
-            mine += theirs.to(mine.device)
-        self._num_classes, self._labeled = other._num_classes, other._labeled
+        self._counts.add(other._counts)
         return self
 
     def all_reduce(self, group=None) -> ExitStats:
@@ -150,44 +127,12 @@ class ExitStats:
         rank's ``summary()`` covers all of it. A rank that saw no batch takes part too. Collective:
         every rank of the group must call it.
         """
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise BranchifyError("all_reduce needs torch.distributed initialised (torchrun, dist.init_process_group); "
-                                 "in one process use stats.merge(other)")
-        if self._table is not None:
-            device = self._table.device
-        else:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-                else torch.device("cpu")
-        # Agree on what the tables look like first: the classes, and whether targets were given.
-        mine = -1 if self._num_classes is None else self._num_classes
-        labeled = -1 if self._labeled is None else int(self._labeled)
-        facts = torch.tensor([mine, -mine if mine >= 0 else -(2**62), labeled, -labeled if labeled >= 0 else -2],
-                             dtype=torch.int64, device=device)
-        dist.all_reduce(facts, op=dist.ReduceOp.MAX, group=group)
-        classes, lowest, labeled_max, labeled_min = int(facts[0]), -int(facts[1]), int(facts[2]), -int(facts[3])
-        if classes < 0:
-            return self  # no rank saw a batch
-        if lowest != classes or labeled_max != labeled_min:
-            raise BranchifyError(
-                "the ranks' statistics differ in the number of classes or in whether targets were given; every rank "
-                "must measure the same model, all with targets or all without")
-        if self._table is None:
-            self._allocate(classes, device)
-            self._num_classes, self._labeled = classes, bool(labeled_max)
-        for counts in self._counts():
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        self._counts.all_reduce(group)
         return self
 
     def reset(self) -> None:
         """Forget every sample seen so far."""
-        self._table: torch.Tensor | None = None  # (exits + 1, maxk + 1): samples by exit and rank of the label
-        self._loss: torch.Tensor | None = None
-        self._invalid: torch.Tensor | None = None
-        self._per_class: torch.Tensor | None = None
-        self._num_classes: int | None = None
-        self._labeled: bool | None = None
+        self._counts = _Counts(len(self.spec.exits), max(self.topk))
 
     def update(self, outputs: Sequence, target: torch.Tensor | None = None) -> None:
         """Add one batch: the module's outputs ``(exit_0, ..., final)`` and the class indices.
@@ -195,127 +140,18 @@ class ExitStats:
         ``target`` may be None in routed mode with label-free criteria: counts and shares are
         then measured, accuracy is not (and every update must then come without targets).
         """
-        k = len(self.spec.exits)
-        exits, final = split_outputs(outputs, k)
-        logits = [*exits, final]
-        classes, device = int(final.shape[1]), final.device
-        safe, invalid = self._checked_target(target, final)
-        if self._table is None:
-            self._allocate(classes, device)
-        self._num_classes, self._labeled = classes, safe is not None
-        if invalid is not None:
-            self._invalid += invalid
-        maxk = self._table.shape[1] - 1
+        exits, final = split_outputs(outputs, len(self.spec.exits))
+        counts = self._counts
+        safe, invalid = _checked_target(counts, target, final, mode=self.mode, label_exits=self._label_exits)
+        counts.start(int(final.shape[1]), final.device, labeled=safe is not None, invalid=invalid)
         if self.mode == "routed":
-            taken = route(self.spec, exits, safe)
-            rank = torch.full_like(taken, maxk) if safe is None else _taken_ranks(logits, taken, safe, maxk)
-            cells = taken * (maxk + 1) + rank
-            if safe is not None:
-                where = (safe * (k + 1) + taken) * 2
-                self._per_class.view(-1).index_add_(0, torch.cat([where, where + 1]),
-                                                    torch.cat([torch.ones_like(where), (rank == 0).long()]))
+            counts.add_routed(route(self.spec, exits, safe), [*exits, final], safe)
         else:
-            ranks = torch.stack([_label_rank(z, safe, maxk) for z in logits])
-            offsets = torch.arange(k + 1, device=device)[:, None] * (maxk + 1)
-            cells = (offsets + ranks).flatten()
-            self._loss += torch.stack([by_rows(_sample_losses, z, safe).sum(dtype=torch.float64) for z in logits])
-        # index_add_ rather than bincount, which reads the largest index back to the host on CUDA
-        self._table.view(-1).index_add_(0, cells, torch.ones_like(cells))
-
-    def _checked_target(self, target, final: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Check the batch against the earlier ones and the target against the outputs.
-
-        Returns the target as int64 class indices clamped into range (None without target) and
-        how many were out of range.
-        """
-        batch, classes, device = int(final.shape[0]), int(final.shape[1]), final.device
-        if self._num_classes is not None and classes != self._num_classes:
-            raise BranchifyError(
-                f"these outputs have {classes} classes but earlier ones had {self._num_classes}; call "
-                "stats.reset() before measuring another model")
-        if self._table is not None and self._table.device != device:
-            raise BranchifyError(
-                f"these outputs are on {device} but earlier ones were on {self._table.device}; keep the model on "
-                "one device, or call stats.reset() before switching")
-        labeled = target is not None
-        if self._labeled is not None and labeled != self._labeled:
-            was = "with" if self._labeled else "without"
-            raise BranchifyError(
-                f"earlier updates came {was} targets and this one does not match; give targets always or "
-                "never, or call stats.reset() in between")
-        if not labeled:
-            if self.mode == "forced":
-                raise BranchifyError("forced statistics measure accuracy and loss, so update() needs the target")
-            if self._label_exits:
-                raise BranchifyError(
-                    f"exits {self._label_exits} use a criterion that reads the labels ('distiller'), but no "
-                    "target was given; pass the target, or use a label-free criterion such as 'entropy'")
-            return None, None
-        if not isinstance(target, torch.Tensor):
-            raise BranchifyError(f"target must be a tensor of class indices, got {type(target).__name__}")
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise BranchifyError(
-                f"target has dtype {target.dtype}; ExitStats needs class indices (an integer tensor); for "
-                "one-hot or probability targets pass target.argmax(dim=1)")
-        if tuple(target.shape) != (batch,):
-            raise BranchifyError(
-                f"target has shape {tuple(target.shape)} but the outputs have a batch of {batch}; pass one class "
-                f"index per sample, shape ({batch},)")
-        target = target.to(device=device, dtype=torch.int64, non_blocking=True)
-        outside = (target < 0) | (target >= classes)
-        invalid = outside.sum()
-        # On the CPU the check is free; on an accelerator it would stall every batch, so the count is
-        # kept on the device and reported by summary().
-        if device.type == "cpu" and invalid:
-            raise BranchifyError(
-                f"target holds class indices {target[outside][:5].tolist()} outside 0..{classes - 1} (the outputs "
-                f"have {classes} classes); pass class indices that fit the model")
-        return target.clamp(0, classes - 1), invalid
+            counts.add_forced([*exits, final], safe)
 
     def summary(self) -> ExitStatsSummary:
         """The accumulated figures as an ``ExitStatsSummary``."""
-        if self._table is None:
-            raise BranchifyError("no statistics yet: call stats.update(outputs, target) for at least one batch")
-        invalid = int(self._invalid)
-        if invalid:
-            raise BranchifyError(
-                f"{invalid} target(s) were outside 0..{self._num_classes - 1} (the outputs have "
-                f"{self._num_classes} classes), so the statistics are wrong; call stats.reset() and pass class "
-                "indices that fit the model")
-        table = self._table.tolist()
-        counts = [sum(row) for row in table]
-        routed = self.mode == "routed"
-        samples = sum(counts) if routed else counts[0]
-        if not samples:
-            raise BranchifyError("no samples yet: every batch given to stats.update was empty")
-        classes = self._num_classes
-        labeled = bool(self._labeled)
-        losses = self._loss.tolist()
-        per_exit = self.costs.per_exit if self.costs is not None else [None] * len(counts)
-        rows = []
-        for i, (row, n) in enumerate(zip(table, counts)):
-            accuracy = None
-            if labeled and n:
-                accuracy = {f"top{k}": 100.0 * sum(row[:min(k, classes)]) / n for k in self.topk}
-            rows.append(ExitRow(
-                exit=i, layer=self.spec.exits[i].layer if i < len(self.spec.exits) else "final",
-                taken=n if routed else None, percent=100.0 * n / samples if routed else None,
-                accuracy=accuracy, loss=None if routed else losses[i] / samples, macs=per_exit[i]))
-        totals = expected = saving = per_class = None
-        if routed and labeled:
-            per_class = tuple(ClassRow.of(c, counts_hits) for c, counts_hits in enumerate(self._per_class.tolist())
-                              if sum(n for n, _ in counts_hits))
-            # Distiller's formula: each exit's accuracy weighted by its share of the samples
-            totals = {f"top{k}": sum((r.accuracy or {}).get(f"top{k}", 0.0) * (r.taken / samples) for r in rows)
-                      for k in self.topk}
-        if routed and self.costs is not None:
-            shares = [n / samples for n in counts]
-            expected = self.costs.expected(shares)
-            saving = 100.0 * self.costs.saving(shares)
-        return ExitStatsSummary(
-            mode=self.mode, samples=samples, num_classes=classes, topk=self.topk, exits=tuple(rows), totals=totals,
-            original_macs=None if self.costs is None else self.costs.original, expected_macs=expected,
-            saving_percent=saving, per_class=per_class)
+        return _summarise(self._counts, self.spec, self.mode, self.topk, self.costs)
 
     def report(self, file: TextIO | None = None) -> str:
         """Print the report (to ``file``, default stdout) and return its text.
@@ -331,6 +167,215 @@ class ExitStats:
         text = "\n".join([*summary.lines(), *summary.explanations()])
         print(text, file=file if file is not None else sys.stdout)
         return text
+
+
+class _Counts:
+    """The counting: integer tables on the outputs' device, one ``index_add_`` per batch, nothing read back.
+
+    ``table`` (exits + 1, maxk + 1): samples by exit and the label's rank there (``maxk``: not in the top
+    ``maxk``); ``loss``: summed cross-entropy per exit (forced); ``invalid``: targets out of range;
+    ``per_class`` (classes, exits + 1, 2): per class and exit, the samples taken and the top-1 hits among
+    them (routed with labels). None until the first batch fixes the classes and the device.
+    """
+
+    def __init__(self, exits: int, topk: int) -> None:
+        self.exits, self.topk = exits, topk
+        self.table: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None
+        self.invalid: torch.Tensor | None = None
+        self.per_class: torch.Tensor | None = None
+        self.classes: int | None = None
+        self.labeled: bool | None = None
+
+    def allocate(self, classes: int, device: torch.device) -> None:
+        k = self.exits
+        maxk = min(self.topk, classes)
+        self.table = torch.zeros(k + 1, maxk + 1, dtype=torch.int64, device=device)
+        self.loss = torch.zeros(k + 1, dtype=torch.float64, device=device)
+        self.invalid = torch.zeros((), dtype=torch.int64, device=device)
+        self.per_class = torch.zeros(classes, k + 1, 2, dtype=torch.int64, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.table, self.loss, self.invalid, self.per_class]
+
+    def start(self, classes: int, device: torch.device, *, labeled: bool, invalid: torch.Tensor | None) -> None:
+        """Begin a batch of ``classes`` classes on ``device`` (checked against the earlier ones already)."""
+        if self.table is None:
+            self.allocate(classes, device)
+        self.classes, self.labeled = classes, labeled
+        if invalid is not None:
+            self.invalid += invalid
+
+    @property
+    def maxk(self) -> int:
+        return self.table.shape[1] - 1
+
+    def add_routed(self, taken: torch.Tensor, logits: list[torch.Tensor], target: torch.Tensor | None) -> None:
+        """Count each sample at the exit it took (``taken``), with the label's rank there."""
+        k, maxk = self.exits, self.maxk
+        rank = torch.full_like(taken, maxk) if target is None else _taken_ranks(logits, taken, target, maxk)
+        if target is not None:
+            where = (target * (k + 1) + taken) * 2
+            self.per_class.view(-1).index_add_(0, torch.cat([where, where + 1]),
+                                               torch.cat([torch.ones_like(where), (rank == 0).long()]))
+        self._add_cells(taken * (maxk + 1) + rank)
+
+    def add_forced(self, logits: list[torch.Tensor], target: torch.Tensor) -> None:
+        """Count every sample at every exit, with the label's rank and the loss there."""
+        maxk = self.maxk
+        ranks = torch.stack([_label_rank(z, target, maxk) for z in logits])
+        offsets = torch.arange(self.exits + 1, device=ranks.device)[:, None] * (maxk + 1)
+        self.loss += torch.stack([by_rows(_sample_losses, z, target).sum(dtype=torch.float64) for z in logits])
+        self._add_cells((offsets + ranks).flatten())
+
+    def _add_cells(self, cells: torch.Tensor) -> None:
+        # index_add_ rather than bincount, which reads the largest index back to the host on CUDA
+        self.table.view(-1).index_add_(0, cells, torch.ones_like(cells))
+
+    def add(self, other: _Counts) -> None:
+        """Add ``other``'s counts (``merge``)."""
+        if other.table is None:
+            return
+        if self.table is None:
+            self.allocate(other.classes, other.table.device)
+        elif (other.classes, other.labeled) != (self.classes, self.labeled):
+            raise BranchifyError(
+                f"these statistics have {self.classes} classes and were given targets: {self.labeled}; the "
+                f"ones merged in {other.classes} and {other.labeled}; merge statistics of one model, "
+                "all with targets or all without")
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine += theirs.to(mine.device)
+        self.classes, self.labeled = other.classes, other.labeled
+
+    def all_reduce(self, group=None) -> None:
+        """Sum every rank's counts (``ExitStats.all_reduce``)."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise BranchifyError("all_reduce needs torch.distributed initialised (torchrun, dist.init_process_group); "
+                                 "in one process use stats.merge(other)")
+        if self.table is not None:
+            device = self.table.device
+        else:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+                else torch.device("cpu")
+        # Agree on what the tables look like first: the classes, and whether targets were given.
+        mine = -1 if self.classes is None else self.classes
+        labeled = -1 if self.labeled is None else int(self.labeled)
+        facts = torch.tensor([mine, -mine if mine >= 0 else -(2**62), labeled, -labeled if labeled >= 0 else -2],
+                             dtype=torch.int64, device=device)
+        dist.all_reduce(facts, op=dist.ReduceOp.MAX, group=group)
+        classes, lowest, labeled_max, labeled_min = int(facts[0]), -int(facts[1]), int(facts[2]), -int(facts[3])
+        if classes < 0:
+            return  # no rank saw a batch
+        if lowest != classes or labeled_max != labeled_min:
+            raise BranchifyError(
+                "the ranks' statistics differ in the number of classes or in whether targets were given; every rank "
+                "must measure the same model, all with targets or all without")
+        if self.table is None:
+            self.allocate(classes, device)
+            self.classes, self.labeled = classes, bool(labeled_max)
+        for counts in self.tensors():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+
+
+def _checked_target(counts: _Counts, target, final: torch.Tensor, *, mode: Mode,
+                    label_exits: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Check the batch against the earlier ones and the target against the outputs.
+
+    Returns the target as int64 class indices clamped into range (None without target) and
+    how many were out of range.
+    """
+    batch, classes, device = int(final.shape[0]), int(final.shape[1]), final.device
+    if counts.classes is not None and classes != counts.classes:
+        raise BranchifyError(
+            f"these outputs have {classes} classes but earlier ones had {counts.classes}; call "
+            "stats.reset() before measuring another model")
+    if counts.table is not None and counts.table.device != device:
+        raise BranchifyError(
+            f"these outputs are on {device} but earlier ones were on {counts.table.device}; keep the model on "
+            "one device, or call stats.reset() before switching")
+    labeled = target is not None
+    if counts.labeled is not None and labeled != counts.labeled:
+        was = "with" if counts.labeled else "without"
+        raise BranchifyError(
+            f"earlier updates came {was} targets and this one does not match; give targets always or "
+            "never, or call stats.reset() in between")
+    if not labeled:
+        if mode == "forced":
+            raise BranchifyError("forced statistics measure accuracy and loss, so update() needs the target")
+        if label_exits:
+            raise BranchifyError(
+                f"exits {label_exits} use a criterion that reads the labels ('distiller'), but no "
+                "target was given; pass the target, or use a label-free criterion such as 'entropy'")
+        return None, None
+    if not isinstance(target, torch.Tensor):
+        raise BranchifyError(f"target must be a tensor of class indices, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise BranchifyError(
+            f"target has dtype {target.dtype}; ExitStats needs class indices (an integer tensor); for "
+            "one-hot or probability targets pass target.argmax(dim=1)")
+    if tuple(target.shape) != (batch,):
+        raise BranchifyError(
+            f"target has shape {tuple(target.shape)} but the outputs have a batch of {batch}; pass one class "
+            f"index per sample, shape ({batch},)")
+    target = target.to(device=device, dtype=torch.int64, non_blocking=True)
+    outside = (target < 0) | (target >= classes)
+    invalid = outside.sum()
+    # On the CPU the check is free; on an accelerator it would stall every batch, so the count is
+    # kept on the device and reported by summary().
+    if device.type == "cpu" and invalid:
+        raise BranchifyError(
+            f"target holds class indices {target[outside][:5].tolist()} outside 0..{classes - 1} (the outputs "
+            f"have {classes} classes); pass class indices that fit the model")
+    return target.clamp(0, classes - 1), invalid
+
+
+def _summarise(counts: _Counts, spec: ExitSpec, mode: Mode, topk: tuple[int, ...],
+               costs: ExitCosts | None) -> ExitStatsSummary:
+    """The reporting: the counts read back once, as an ``ExitStatsSummary``."""
+    if counts.table is None:
+        raise BranchifyError("no statistics yet: call stats.update(outputs, target) for at least one batch")
+    invalid = int(counts.invalid)
+    if invalid:
+        raise BranchifyError(
+            f"{invalid} target(s) were outside 0..{counts.classes - 1} (the outputs have "
+            f"{counts.classes} classes), so the statistics are wrong; call stats.reset() and pass class "
+            "indices that fit the model")
+    table = counts.table.tolist()
+    taken = [sum(row) for row in table]
+    routed = mode == "routed"
+    samples = sum(taken) if routed else taken[0]
+    if not samples:
+        raise BranchifyError("no samples yet: every batch given to stats.update was empty")
+    classes = counts.classes
+    labeled = bool(counts.labeled)
+    losses = counts.loss.tolist()
+    per_exit = costs.per_exit if costs is not None else [None] * len(taken)
+    rows = []
+    for i, (row, n) in enumerate(zip(table, taken)):
+        accuracy = None
+        if labeled and n:
+            accuracy = {f"top{k}": 100.0 * sum(row[:min(k, classes)]) / n for k in topk}
+        rows.append(ExitRow(
+            exit=i, layer=spec.exits[i].layer if i < len(spec.exits) else "final",
+            taken=n if routed else None, percent=100.0 * n / samples if routed else None,
+            accuracy=accuracy, loss=None if routed else losses[i] / samples, macs=per_exit[i]))
+    totals = expected = saving = per_class = None
+    if routed and labeled:
+        per_class = tuple(ClassRow.of(c, counts_hits) for c, counts_hits in enumerate(counts.per_class.tolist())
+                          if sum(n for n, _ in counts_hits))
+        # Distiller's formula: each exit's accuracy weighted by its share of the samples
+        totals = {f"top{k}": sum((r.accuracy or {}).get(f"top{k}", 0.0) * (r.taken / samples) for r in rows)
+                  for k in topk}
+    if routed and costs is not None:
+        shares = [n / samples for n in taken]
+        expected = costs.expected(shares)
+        saving = 100.0 * costs.saving(shares)
+    return ExitStatsSummary(
+        mode=mode, samples=samples, num_classes=classes, topk=topk, exits=tuple(rows), totals=totals,
+        original_macs=None if costs is None else costs.original, expected_macs=expected,
+        saving_percent=saving, per_class=per_class)
 
 
 def _sample_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
