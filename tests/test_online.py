@@ -77,7 +77,7 @@ def test_bound_covers_the_window_mean_over_many_drifting_streams():
     rates = drift[:, None] * base[None, :]  # (time, level), known by construction
     violations = tests = static_violations = 0
     chosen = []
-    for seed in range(40):
+    for seed in range(30):
         rng = torch.Generator().manual_seed(seed)
         test = AuditTest(levels=levels, max_disagreement=TARGET, delta=delta, window=window, alarm_window=100)
         times: list[int] = []
