@@ -16,8 +16,8 @@ import transformers
 from torch import nn
 
 import branchify as bx
-from branchify.capture import NoGraph, capture
 from branchify._inputs import Inputs
+from branchify.capture import NoGraph, capture
 
 
 class LengthBranch(nn.Module):
