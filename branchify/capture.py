@@ -493,6 +493,14 @@ def capture(model: nn.Module, inputs: Inputs, *, path: str = "auto", leaf_module
     check_model(model, path)
     if path == "hooks":
         raise NoGraph(["capture='hooks' was asked for"])
+    with _CAPTURING:  # torch.fx patches torch's functions process-wide while it traces: one capture at a time
+        return _capture(model, inputs, path, leaf_modules, output)
+
+
+_CAPTURING = threading.RLock()
+
+
+def _capture(model: nn.Module, inputs: Inputs, path: str, leaf_modules, output) -> Traced:
     reasons = []
     if path in ("auto", "fx"):
         try:

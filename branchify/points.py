@@ -148,9 +148,10 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
 
     By default the block boundaries (the model's children and grandchildren, and the members of
     containers among them); ``all_nodes=True`` lists every tensor-valued node by the name
-    ``get_graph_node_names`` gives it. A module the forward calls more than once (a shared layer, a
-    ReLU used twice) is listed once per call, as ``path:0``, ``path:1``, ... (the name
-    ``bx.ExitPoint(layer=...)`` takes for that call). Shapes and MACs come from one pass with fake tensors. The
+    ``get_graph_node_names`` gives it. A module the forward calls more than once is listed once per
+    call, as ``path:0``, ``path:1``, ... (the name ``bx.ExitPoint(layer=...)`` takes for that call);
+    the block boundaries include every module holding layers that runs more than once (ALBERT's one
+    shared layer), however deep it sits. Shapes and MACs come from one pass with fake tensors. The
     model is captured as ``bx.attach_exits`` captures it (``capture``, ``leaf_modules`` and ``output``
     mean the same); on the hook path the block boundaries are listed in the order they ran, from one
     real forward.
@@ -185,7 +186,9 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
                     continue
             names.append((name, node))
     else:
-        for path in block_paths(model):
+        blocks = block_paths(model)
+        shared = [p for p in _holders(model) if p not in set(blocks) and len(traced.calls(p, False)) > 1]
+        for path in [*blocks, *shared]:
             calls = traced.calls(path, False)  # none: a module that the eval forward never calls
             names.extend((name, call[-1]) for name, call in zip(call_names(path, len(calls)), calls))
     first: dict[str, str] = {}  # node -> the first name listed for it
@@ -205,8 +208,17 @@ def list_exit_points(model: nn.Module, example_inputs, *, all_nodes: bool = Fals
                       for _, node, info in sorted(found, key=lambda item: item[0]))
 
 
+def _holders(model: nn.Module) -> list[str]:
+    """The modules that hold layers: one the forward calls more than once (ALBERT's one shared layer, a block
+    applied twice) is a block boundary at each call, however deep it sits."""
+    return [path for path, module in model.named_modules() if path and next(module.children(), None) is not None]
+
+
 def _hook_exit_points(model: nn.Module, inputs: Inputs, output) -> ExitPoints:
-    points, final, total = hook_points(model, inputs, block_paths(model), output)
+    blocks = block_paths(model)
+    points, final, total = hook_points(model, inputs, [*blocks, *_holders(model)], output)
+    listed = set(blocks)
+    points = {path: calls for path, calls in points.items() if path in listed or len(calls) > 1}
     batch = inputs.batch
     rows = []
     for facts in sorted((f for calls in points.values() for f in calls), key=lambda f: f.order):
