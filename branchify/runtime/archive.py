@@ -20,6 +20,7 @@ import torch
 
 from ..errors import BranchifyError
 from ..spec import ExitSpec
+from .core import InputSpec, LoadedCore, carried_specs, dynamic_shapes
 
 __all__ = ["load_runner", "save_runner"]
 
@@ -51,30 +52,6 @@ def _program_names(table: dict, path: Path) -> list[str]:
     return names
 
 
-def _dynamic_shapes(values: tuple, specs, batch) -> tuple:
-    """Batch dim ``batch`` on every tensor, and the dims the capture made dynamic (``specs[j].dynamic``) left to
-    torch.export to relate (a sequence length shared by the ids and the mask is one dim)."""
-    auto = torch.export.Dim.AUTO
-    shapes = []
-    for j, v in enumerate(values):
-        if not isinstance(v, torch.Tensor) or v.ndim == 0:
-            shapes.append(None)
-            continue
-        dims = {0: batch}
-        if specs is not None and j < len(specs):
-            dims.update({d: auto for d in specs[j].dynamic if d < v.ndim})
-        shapes.append(dims)
-    return tuple(shapes)
-
-
-def carried_specs(stage, values: tuple) -> tuple:
-    """The ``InputSpec`` of each value ``stage`` takes (what its graph's placeholders say), for ``_dynamic_shapes``."""
-    from .core import placeholder_specs
-
-    specs = placeholder_specs(stage.graph)
-    return specs if len(specs) == len(values) else None
-
-
 def _export(module, values: tuple, dynamic: tuple, what: str):
     try:
         return torch.export.export(module, values, dynamic_shapes=dynamic)
@@ -102,14 +79,14 @@ def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
     names = {"stages": [], "heads": []}
     with torch.inference_mode(False), torch.no_grad():
         for i, stage in enumerate(core.stages):
-            program = _export(stage, values, _dynamic_shapes(values, specs, batch), f"stage {i}")
+            program = _export(stage, values, dynamic_shapes(values, specs, batch), f"stage {i}")
             names["stages"].append(f"stage_{i}.pt2")
             torch.export.save(program, directory / names["stages"][-1])
             values = stage(*values)
             specs = carried_specs(core.stages[i + 1], values) if i + 1 < len(core.stages) else None
             if i < len(core.heads):
                 taken = tuple(values[:core.head_inputs[i]])  # the head's input, then e.g. the attention mask
-                head = _export(core.heads[i], taken, _dynamic_shapes(taken, specs, batch), f"head {i}")
+                head = _export(core.heads[i], taken, dynamic_shapes(taken, specs, batch), f"head {i}")
                 names["heads"].append(f"head_{i}.pt2")
                 torch.export.save(head, directory / names["heads"][-1])
     table = {
@@ -135,8 +112,6 @@ def save_runner(runner, directory: str | os.PathLike, example_inputs) -> Path:
 
 def load_runner(directory: str | os.PathLike):
     """The core of a runner read from ``directory`` (see ``ExitRunner.load``)."""
-    from .core import InputSpec, LoadedCore
-
     directory = Path(directory)
     path = directory / _TABLE
     if not path.is_file():

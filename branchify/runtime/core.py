@@ -27,7 +27,8 @@ from .hooked import HookRouter
 from .macs import MacTable
 from .staged import route_stages
 
-__all__ = ["HookedCore", "InputSpec", "LoadedCore", "RunnerCore", "StagedCore"]
+__all__ = ["HookedCore", "InputSpec", "LoadedCore", "RunnerCore", "StagedCore", "carried_specs", "dynamic_shapes",
+           "placeholder_specs"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,28 @@ def placeholder_specs(graph, record: dict | None = None) -> tuple[InputSpec, ...
         else:
             specs.append(InputSpec(name))
     return tuple(specs)
+
+
+def dynamic_shapes(values: tuple, specs, batch) -> tuple:
+    """Batch dim ``batch`` on every tensor, and the dims the capture made dynamic (``specs[j].dynamic``) left to
+    torch.export to relate (a sequence length shared by the ids and the mask is one dim)."""
+    auto = torch.export.Dim.AUTO
+    shapes = []
+    for j, v in enumerate(values):
+        if not isinstance(v, torch.Tensor) or v.ndim == 0:
+            shapes.append(None)
+            continue
+        dims = {0: batch}
+        if specs is not None and j < len(specs):
+            dims.update({d: auto for d in specs[j].dynamic if d < v.ndim})
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def carried_specs(stage, values: tuple) -> tuple:
+    """The ``InputSpec`` of each value ``stage`` takes (what its graph's placeholders say), for ``dynamic_shapes``."""
+    specs = placeholder_specs(stage.graph)
+    return specs if len(specs) == len(values) else None
 
 
 class RunnerCore:

@@ -22,7 +22,7 @@ from torch import nn
 from ...criteria import Criterion
 from ...errors import BranchifyError, BranchifyInternalError
 from ...routing import ExitRule, agreeing_run
-from ..archive import _dynamic_shapes, carried_specs
+from ..core import carried_specs, dynamic_shapes
 
 __all__ = ["MIN_OPSET", "Piece", "check_opset", "export_piece_models", "require_onnx", "temperature_name",
            "threshold_name"]
@@ -198,7 +198,7 @@ def export_piece_models(core, values: tuple, opset: int | None) -> list[Piece]:
                 if remembers and judged:
                     inputs += (prediction, streak)
                     names += ["prediction", "streak"]
-            dynamic = _dynamic_shapes(inputs, tensor_specs, batch)
+            dynamic = dynamic_shapes(inputs, tensor_specs, batch)
             what = _describe(core.spec, i)
             if rule is not None:
                 what += f", its head and criterion {rule.criterion.name!r}"
