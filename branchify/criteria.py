@@ -86,20 +86,16 @@ class Criterion:
         must lie in the score range (``score_range(classes)``; without ``classes``, the part of it that does
         not depend on them), where it decides between samples.
 
-        An exit that fires below ``t`` never fires at ``t <= low`` and always fires past ``high``; one that fires
-        at or above ``t`` never fires past ``high`` and always fires below ``low``. The edges at which every
-        sample fires (``low`` for "above", just past ``high`` for "below", where calibration puts its last
-        rung) are accepted, within float32 rounding, as the scores are float32.
-
-        Only the class-independent part of the range is enforced for now (an entropy threshold above
-        ``log C`` exits every sample, which tests and users rely on as "always exit"), and each edge itself is
-        accepted (``threshold=0.0`` with entropy: the exit is judged but never fires).
+        Only thresholds outside the range are refused: past ``high`` an exit that fires below ``t`` fires for
+        every sample, below ``low`` it never does (and the other way round for one that fires at or above
+        ``t``). The edges themselves are in the range and accepted, within float32 rounding, as the scores are
+        float32: ``threshold=0.0`` with entropy judges the exit and lets no sample out.
 
         >>> try:
-        ...     get_criterion("entropy").check_threshold(-1.0)
+        ...     get_criterion("entropy").check_threshold(3.0, classes=10)
         ... except BranchifyError as err:
-        ...     print(str(err)[:60])
-        criterion 'entropy' scores lie in [0, inf], so at threshold
+        ...     print(str(err)[:78])
+        criterion 'entropy' scores lie in [0, 2.30259] for 10 classes, so at threshold
         """
         if self.across_exits:
             if not (float(threshold).is_integer() and threshold >= 1):
@@ -107,7 +103,6 @@ class Criterion:
                     f"{where}criterion {self.name!r} takes a positive integer threshold (how many consecutive exits "
                     f"must agree), got {threshold!r}; use e.g. threshold=2")
             return
-        classes = None  # see the docstring: the class-dependent bound is not enforced yet
         low, high = self.score_range(classes)
         t = float(threshold)
         slack = 1e-6 * max(1.0, abs(high)) if math.isfinite(high) else 0.0

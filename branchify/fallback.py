@@ -307,6 +307,7 @@ class HookExitModule(nn.Module, Exits):
 
 def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: Inputs, *, reason: str,
                             output=None) -> HookExitModule:
+    inputs = Inputs.of(inputs)
     modules = dict(model.named_modules())
     for index, point in enumerate(spec.exits):
         path = split_call(point.layer)[0]
@@ -319,7 +320,7 @@ def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: Inputs, *,
                 f"exit {index} (layer {point.layer!r}): this model is not captured as a graph ({reason}), so exits "
                 f"must name modules, and there is no module {point.layer!r}.{hint} See [name for name, _ in "
                 "model.named_modules()]")
-    points_by_path, final, total = hook_points(model, Inputs.of(inputs), [split_call(p)[0] for p in spec.layers],
+    points_by_path, final, total = hook_points(model, inputs, [split_call(p)[0] for p in spec.layers],
                                                output)
     if not isinstance(final, torch.Tensor) or final.ndim != 2:
         shape = tuple(final.shape) if isinstance(final, torch.Tensor) else type(final).__name__

@@ -68,11 +68,12 @@ class GlobalPool(nn.Module):
         self.dims: list[int] = list(layout.spatial_dims)
         self.token = token
         self.take_first = token == "cls"
-        # the one token dim of a token sequence (1 in NLC, 0 in LNC); None for maps and flat features
-        self.token_dim: int | None = layout.spatial_dims[0] if layout in TOKEN_LAYOUTS else None
+        # the one token dim of a token sequence (1 in NLC, 0 in LNC); -1 for maps and flat features (an int
+        # either way, so that the head scripts)
+        self.token_dim: int = layout.spatial_dims[0] if layout in TOKEN_LAYOUTS else -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.token == "cls":
+        if self.token == "cls":  # only on token layouts (refused at construction otherwise)
             return x.select(self.token_dim, 0)
         if self.token == "last":
             return x.select(self.token_dim, -1)
@@ -82,7 +83,7 @@ class GlobalPool(nn.Module):
 
     def masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pool ``x`` skipping padding: ``mask`` is (B, L), 1 at real tokens."""
-        if self.token_dim is None or self.token == "cls":
+        if self.token_dim < 0 or self.token == "cls":
             return self(x)
         if self.token_dim != 1:
             x = x.movedim(self.token_dim, 1)  # (B, L, C)
@@ -118,7 +119,7 @@ def masked(head: nn.Module) -> MaskedPoolHead | None:
     if isinstance(head, MaskedPoolHead):
         return head
     if isinstance(head, nn.Sequential) and len(head) and isinstance(head[0], GlobalPool) \
-            and head[0].token_dim is not None and head[0].token in ("mean", "last"):
+            and head[0].token_dim >= 0 and head[0].token in ("mean", "last"):
         return MaskedPoolHead(*head)
     return None
 

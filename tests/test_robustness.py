@@ -77,7 +77,7 @@ def test_fit_names_the_exit_whose_logits_went_non_finite():
 # --- thresholds outside the criterion's score range (issue 21, item 7) ---------------------------------
 
 
-@pytest.mark.parametrize(("criterion", "threshold"), [("entropy", -1.0), ("entropy", 0.0), ("confidence", 1.5),
+@pytest.mark.parametrize(("criterion", "threshold"), [("entropy", -1.0), ("entropy", -1e-3), ("confidence", 1.5),
                                                      ("margin", 2.0), ("confidence", -0.5), ("distiller", -3.0)])
 def test_a_threshold_outside_the_score_range_is_refused_when_the_spec_is_made(criterion, threshold):
     with pytest.raises(bx.SpecError, match=r"scores lie in \[0, (1|inf)\], so at threshold"):

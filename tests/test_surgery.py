@@ -112,7 +112,9 @@ def test_registered_head_receives_inferred_shape_layout_and_classes():
 
     head = bx.HeadSpec(kind="test_spy_head", options={"note": 1})
     module = bx.attach_exits(resnet18(num_classes=3), bx.ExitSpec(exits=[{"layer": "layer3", "head": head}]), X32)
-    assert seen == {"shape": (256, 2, 2), "layout": bx.Layout.NCHW, "num_classes": 3, "spec": head}
+    # the factory gets the spec with the token pooling resolved (unset: the model's default, "mean" here)
+    assert seen == {"shape": (256, 2, 2), "layout": bx.Layout.NCHW, "num_classes": 3,
+                    "spec": head.model_copy(update={"token": "mean"})}
     assert module.eval()(torch.randn(2, 3, 32, 32))[0].shape == (2, 3)
 
 
