@@ -5,7 +5,8 @@ below the threshold (``exits_when="below"``) or at least the threshold (``"above
 never fires. Each criterion declares the range its scores lie in (``low``, ``high``; entropy's upper
 end is ``log C``, known once the number of classes ``C`` is), so that calibration can place
 thresholds without sentinel values, whatever the sign of the scores, and a threshold outside the
-range (one at which the exit never fires, or always does, whatever the sample) is refused.
+range on the side where the exit can never fire is refused (past the other end every sample leaves,
+which stays allowed).
 
 ``"patience"`` (PABEE, Zhou et al. 2020) looks across exits: its score at an exit is the number of
 consecutive judged exits, ending there, that predict the same class; with threshold ``t`` it fires
@@ -86,16 +87,19 @@ class Criterion:
         must lie in the score range (``score_range(classes)``; without ``classes``, the part of it that does
         not depend on them), where it decides between samples.
 
-        Only thresholds outside the range are refused: past ``high`` an exit that fires below ``t`` fires for
-        every sample, below ``low`` it never does (and the other way round for one that fires at or above
-        ``t``). The edges themselves are in the range and accepted, within float32 rounding, as the scores are
-        float32: ``threshold=0.0`` with entropy judges the exit and lets no sample out.
+        Refused: a threshold at which the exit can never fire (below ``low`` for an exit that fires below
+        ``t``, past ``high`` for one that fires at or above it), since no sample can reach it. Accepted: the
+        edges (``threshold=0.0`` with entropy judges the exit and lets no sample out), and thresholds past the
+        other end, where every sample leaves: a documented way to send the whole batch out at one exit, and
+        what Distiller's command lines write for an exit that always fires (an entropy threshold above
+        ``log C``).
 
         >>> try:
-        ...     get_criterion("entropy").check_threshold(3.0, classes=10)
+        ...     get_criterion("confidence").check_threshold(1.5)
         ... except BranchifyError as err:
-        ...     print(str(err)[:78])
-        criterion 'entropy' scores lie in [0, 2.30259] for 10 classes, so at threshold
+        ...     print(str(err)[:76])
+        criterion 'confidence' scores lie in [0, 1], so at threshold 1.5 the exit never
+        >>> get_criterion("entropy").check_threshold(3.0, classes=10)  # above log 10: every sample leaves
         """
         if self.across_exits:
             if not (float(threshold).is_integer() and threshold >= 1):
@@ -107,19 +111,16 @@ class Criterion:
         t = float(threshold)
         slack = 1e-6 * max(1.0, abs(high)) if math.isfinite(high) else 0.0
         if self.exits_when == "below":
-            never, always = t < low, t > high + slack
-            rule = "below"
+            never, rule = t < low, "below"
         else:
-            never, always = t > high + slack, t < low - 1e-6 * max(1.0, abs(low))
-            rule = ">="
-        if not (never or always):
+            never, rule = t > high + slack, ">="
+        if not never:
             return
         of = f" for {classes} classes" if classes is not None and self.high_of_classes is not None else ""
         span = f"[{low:g}, {high:g}]"
-        what = "never fires" if never else "fires for every sample"
         raise BranchifyError(
-            f"{where}criterion {self.name!r} scores lie in {span}{of}, so at threshold {threshold!r} the exit {what} "
-            f"(it fires when the score is {rule} the threshold); give a threshold in {span}, or let bx.calibrate "
+            f"{where}criterion {self.name!r} scores lie in {span}{of}, so at threshold {threshold!r} the exit never "
+            f"fires (it fires when the score is {rule} the threshold); give a threshold in {span}, or let bx.calibrate "
             "choose it")
 
 

@@ -119,7 +119,9 @@ def thresholds_for(module: bx.ExitModule, x: torch.Tensor, shares: list[float]) 
             near = [m for m in range(max(1, n - 2), min(len(ranked) - 1, n + 2) + 1)]
             n = max(near, key=lambda m: float(ranked[m] - ranked[m - 1]))
             t = (ranked[n - 1] + ranked[n]) / 2
-        thresholds.append(float(sign * t))
+        # no further than the criterion's range on the side where nobody leaves (a threshold past it is refused)
+        low, high = crit.score_range(outputs[i].shape[-1])
+        thresholds.append(max(float(sign * t), low) if sign > 0 else min(float(sign * t), high))
         running &= ~crit.fires(scores.float(), thresholds[-1])
     return thresholds
 
@@ -388,7 +390,7 @@ def test_patience_carries_each_samples_prediction_and_run_across_exits(tmp_path)
         entropy = get_criterion("entropy").score(module(x)[1], None, 1.5).sort().values
     middle = float(entropy[31] + entropy[32]) / 2
     mixes = []
-    for thresholds in ([2, -1.0, 2], [2, -1.0, 3], [3, middle, 3], [1, -1.0, 2], [2, 9.0, 2]):
+    for thresholds in ([2, 0.0, 2], [2, 0.0, 3], [3, middle, 3], [1, 0.0, 2], [2, 9.0, 2]):
         module.exit_spec = module.exit_spec.with_exits(threshold=thresholds)
         for batch in BATCHES:
             exit_index = compare(runner, retuned(model, thresholds), x[:batch])
