@@ -59,7 +59,7 @@ from .calibration.bounds import _binom_cdf, clopper_pearson_upper, samples_to_ce
 from .cost import exit_costs
 from .criteria import Criterion, get_criterion
 from .errors import BranchifyError
-from .routing import exit_rules, first_exit
+from .routing import exit_rules, route_by
 from .runtime.onnx_export import threshold_name
 from .runtime.result import ExitResult
 from .runtime.runner import ExitRunner
@@ -372,6 +372,8 @@ class OnlineCalibrator:
         self.runner, self.window, self.steps, self.seed = runner, window, steps, seed
         self._start = spec
         self.path = level_path(spec, steps)
+        self._level_rules = {tuple(t): exit_rules(spec.with_exits(threshold=list(t)), deployed=True)
+                             if any(v is not None for v in t) else [None] * len(t) for t in self.path}
         self._test = AuditTest(levels=len(self.path), max_disagreement=self.max_disagreement, delta=self.delta,
                                window=window, alarm_window=alarm)
         self._lock = threading.Lock()
@@ -424,23 +426,18 @@ class OnlineCalibrator:
             return [p.threshold is not None for p in self._start.exits]
         return [t is not None for t in thresholds]
 
+    def _rules(self, thresholds: Sequence[float | None]) -> list:
+        """The routing rules of one level of the path (made once per level, at construction)."""
+        return self._level_rules[tuple(thresholds)]
+
     def _route(self, thresholds, logits: list[torch.Tensor]) -> torch.Tensor:
-        fired = []
-        for i, (t, z) in enumerate(zip(thresholds, logits[:-1])):
-            if t is None:
-                fired.append(torch.zeros(z.shape[0], dtype=torch.bool))
-                continue
-            crit = get_criterion(self._start.criterion_of(i))
-            fired.append(crit.fires(crit.score(z.float(), None, self._start.exits[i].temperature), t))
-        return first_exit(fired)
+        return route_by(self._rules(thresholds), logits[:-1])
 
     def _serve(self, thresholds, inputs: tuple, names, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._onnx is not None:
             return self._onnx.serve(x)
         runner = self.runner
-        spec = self._start.with_exits(threshold=list(thresholds))
-        rules = exit_rules(spec, deployed=True) if any(t is not None for t in thresholds) else [None] * len(thresholds)
-        return runner.core.route(runner.stages, runner.heads, inputs, names, x, rules=rules)
+        return runner.core.route(runner.stages, runner.heads, inputs, names, x, rules=self._rules(thresholds))
 
     def _audit(self, inputs: tuple, names, x: torch.Tensor) -> list[torch.Tensor]:
         if self._onnx is not None:

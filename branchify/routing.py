@@ -143,6 +143,18 @@ def route(spec, exit_logits: Sequence[torch.Tensor], target: torch.Tensor | None
     rules = exit_rules(spec, classes=int(exit_logits[0].shape[-1]) if len(exit_logits) else None)
     if len(exit_logits) != len(rules):
         raise BranchifyError(f"{len(exit_logits)} exit outputs for a spec with {len(rules)} exits")
+    return route_by(rules, exit_logits, target)
+
+
+def route_by(rules: Sequence[ExitRule | None], exit_logits: Sequence[torch.Tensor],
+             target: torch.Tensor | None = None) -> torch.Tensor:
+    """``route`` under rules already made (``exit_rules``; None where an exit is off, so that with every exit
+    off each sample goes to the end): for callers that route many batches under a few fixed rule sets.
+
+    >>> import torch
+    >>> route_by([None], [torch.tensor([[9.0, 0.0]])]).tolist()
+    [1]
+    """
     judge = Judge(rules, target)
     none = torch.zeros(exit_logits[0].shape[0], dtype=torch.bool, device=exit_logits[0].device)
     return first_exit([none if rule is None else judge.fires(i, z)
