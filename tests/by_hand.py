@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from exits import logits_of
 from torch import nn
 
 import branchify as bx
@@ -22,14 +25,19 @@ def hand_score(criterion: str, logits: torch.Tensor, temperature: float) -> floa
     raise NotImplementedError(f"no hand-written rule for criterion {criterion!r}")
 
 
-def by_hand(module: nn.Module, spec: bx.ExitSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def by_hand(module: nn.Module, spec: bx.ExitSpec, x: torch.Tensor | Mapping[str, torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample run through the module alone and routed by the rule applied by hand: it leaves at the first
     exit that is on and whose score passes its threshold (entropy below; confidence and margin at or above),
-    else at the final exit. Returns the exit each sample took and its logits there."""
+    else at the final exit. ``x`` is a batch tensor or a dict of them (a tokenizer's output). Returns the exit
+    each sample took and its logits there."""
     taken, logits = [], []
+    n = len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
     with torch.no_grad():
-        for i in range(len(x)):
-            outputs = module(x[i:i + 1])
+        for i in range(n):
+            one = {k: v[i:i + 1] for k, v in x.items()} if isinstance(x, Mapping) else x[i:i + 1]
+            outputs = [*module(one)]
+            outputs[-1] = logits_of(outputs[-1])  # a Hugging Face model's final output holds its logits
             exit_index = len(spec.exits)
             for j, point in enumerate(spec.exits):
                 if point.threshold is None:

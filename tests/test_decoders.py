@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from by_hand import by_hand
 from exits import expected, spread_heads, with_mix
 from torch import nn
 
@@ -47,20 +48,6 @@ class Rotary(nn.Module):
         return self.fc(x.mean(1))
 
 
-def per_sample(module: nn.Module, spec: bx.ExitSpec, inputs: dict | torch.Tensor, n: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exit index and logits of each sample run alone through the whole module, the exit rule applied to it."""
-    indices, logits = [], []
-    for i in range(n):
-        one = {k: v[i:i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i:i + 1]
-        with torch.no_grad():
-            outs = module(one)
-        taken = route(spec, outs[:-1])
-        indices.append(taken)
-        logits.append(expected(outs, taken))
-    return torch.cat(indices), torch.cat(logits)
-
-
 def check_runner(module: nn.Module, batches: list) -> None:
     """The runner against the routed module and the per-sample loop, on each of ``batches``."""
     spread_heads(module, batches[0])
@@ -77,7 +64,7 @@ def check_runner(module: nn.Module, batches: list) -> None:
             decisions = route(spec, outs[:-1])
             assert torch.equal(result.exit_index, decisions)
             torch.testing.assert_close(result.logits, expected(outs, decisions), rtol=1e-4, atol=1e-5)
-            alone_index, alone_logits = per_sample(module, spec, part, size)
+            alone_index, alone_logits = by_hand(module, spec, part)
             assert torch.equal(result.exit_index, alone_index)
             torch.testing.assert_close(result.logits, alone_logits, rtol=1e-4, atol=1e-5)
             seen |= set(result.exit_index.tolist())
