@@ -381,8 +381,10 @@ class _ThreadStderr:
 
 
 def _all_handlers() -> list[logging.Handler]:
-    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(v, logging.Logger))]
+    # list() copies the values in one C call, under the GIL: another thread creating a logger meanwhile (torch
+    # does, while it exports) cannot change the dict under an iteration ("changed size during iteration")
+    known = list(logging.Logger.manager.loggerDict.values())
+    loggers = [logging.getLogger(), *(v for v in known if isinstance(v, logging.Logger))]
     handlers = {id(h): h for logger in loggers for h in logger.handlers}
     if logging.lastResort is not None:
         handlers[id(logging.lastResort)] = logging.lastResort

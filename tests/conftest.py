@@ -5,7 +5,7 @@ then the docs build). What makes a test slow is decided here, for every file, ne
 
 - doctests are slow (``--doctest-modules`` collects them; several build resnet50 at 224 and compile it);
 - Hypothesis draws as many examples as the tier's profile says: ``fast`` (20) when slow tests are
-  deselected, ``full`` (1000) otherwise; ``BRANCHIFY_TIER=fast|full`` or ``--hypothesis-profile`` choose
+  deselected, ``full`` (300) otherwise; ``BRANCHIFY_TIER=fast|full`` or ``--hypothesis-profile`` choose
   one explicitly. Tests set ``deadline``/``derandomize`` themselves but leave ``max_examples`` to the profile;
 - the torchvision zoo runs a few representatives in the fast tier and every builder in the full one
   (``zoo.zoo_params()``; ``BRANCHIFY_ZOO=all`` or a comma-separated list of names widens the fast tier);
@@ -25,7 +25,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).parent))  # the shared zoo helpers in tests/zoo.py
 
 FAST_BUDGET = 3.0  # seconds: a fast-tier test above this belongs in the slow tier (STYLE: the tier stays < 5 min)
-PROFILES = {"fast": 20, "full": 1000}  # Hypothesis examples per property
+PROFILES = {"fast": 20, "full": 300}  # Hypothesis examples per property (300: what the suite ran before the tiers)
 
 for _name, _examples in PROFILES.items():
     settings.register_profile(_name, max_examples=_examples)
