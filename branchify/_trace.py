@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -62,15 +63,27 @@ def several_calls(what: str, path: str, count: int, where: str) -> BranchifyErro
 
 
 class _Tracer(NodePathTracer):
-    """Records each node's qualified name and the module path it was created in."""
+    """Records each node's qualified name and the module path it was created in.
+
+    While it traces, torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process; a module
+    that another thread runs meanwhile is run as if nothing traced (its own forward, its real attributes), not
+    recorded into this graph or refused as "not installed as a submodule"."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._latest_suffix: dict[str, int] = {}
         self._call_count: dict[str, int] = {}
         self._open_calls: dict[str, int] = {}  # the modules whose forward is running, and which call each is
+        self._thread = threading.get_ident()
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
         try:
             path = self.path_of_module(m)
         except NameError:

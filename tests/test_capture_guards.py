@@ -356,7 +356,10 @@ def test_two_threads_capture_at_once_and_a_third_loses_no_output(capsys):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             spec = nlc_exit("emb") if k == 0 else bx.ExitSpec(exits=[bx.ExitPoint(layer="stem")])
-            results[k] = bx.attach_exits(models[k], spec, examples[k])
+            try:
+                results[k] = bx.attach_exits(models[k], spec, examples[k])
+            except Exception as error:  # a thread's exception would be lost; the main thread re-raises it
+                results[k] = error
 
     other = threading.Thread(target=bystander)
     workers = [threading.Thread(target=attach, args=(k,)) for k in range(2)]
@@ -369,6 +372,9 @@ def test_two_threads_capture_at_once_and_a_third_loses_no_output(capsys):
     other.join()
     logger.removeHandler(keep)
     err = capsys.readouterr().err
+    for outcome in results.values():
+        if isinstance(outcome, Exception):
+            raise outcome
     assert all(line in err for line in written)
     assert [r.getMessage() for r in seen] == written
     assert {name: logging.getLogger(name).level for name in levels} == levels
@@ -376,3 +382,44 @@ def test_two_threads_capture_at_once_and_a_third_loses_no_output(capsys):
     assert results[0].exit_path == "export" and results[1].exit_path == "hooks"
     ids = torch.randint(0, 50, (2, 12))
     assert torch.equal(results[0].eval()(ids)[-1], models[0](ids))
+
+
+def test_a_model_run_in_another_thread_while_fx_traces_runs_as_itself():
+    """torch.fx patches nn.Module.__call__ for the whole process while it traces: a module another thread runs
+    meanwhile must run as itself, not be recorded or refused ("module is not installed as a submodule")."""
+    tracing, release = threading.Event(), threading.Event()
+
+    class Pausing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.stem(x)
+            tracing.set()
+            release.wait(timeout=30)  # the other thread runs its model while this trace is in progress
+            return self.fc(h)
+
+    outcome: dict[str, object] = {}
+
+    def trace():
+        try:
+            outcome["traced"] = capture(Pausing().eval(), Inputs.of(torch.randn(2, 4)), path="fx")
+        except Exception as error:
+            outcome["traced"] = error
+
+    other = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    x = torch.randn(3, 4)
+    expected = other[2](other[1](other[0](x)))  # no tracer is patched in yet
+    worker = threading.Thread(target=trace)
+    worker.start()
+    assert tracing.wait(timeout=30)
+    try:
+        got = other(x)
+    finally:
+        release.set()
+        worker.join()
+    assert torch.equal(got, expected)
+    assert not isinstance(outcome["traced"], Exception), outcome["traced"]
+    assert outcome["traced"].path == "fx"
