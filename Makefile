@@ -9,6 +9,10 @@ PYTEST_ARGS ?=
 # One torch thread per test process: small tensors on a few shared cores run faster without a thread
 # pool (the tests that time or spawn set their own threads).
 TEST_ENV := OMP_NUM_THREADS=1
+# Tests run in TEST_JOBS processes (pytest-xdist), a test file to a process so that its module fixtures are
+# built once; `make test TEST_JOBS=0` runs them in this one process.
+TEST_JOBS ?= 2
+XDIST := $(if $(filter 0,$(TEST_JOBS)),-p no:xdist,-n $(TEST_JOBS) --dist loadfile)
 SITE := $(or $(TMPDIR),/tmp)/branchify-site
 
 .PHONY: demo test check docs lint bench clean
@@ -35,11 +39,11 @@ demo: $(VENV)/.demo-installed
 	$(PY) -m branchify.commands.demo
 
 test: $(VENV)/.dev-installed
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(XDIST) -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 # STATUS_FILE (.ci/run sets it) receives pytest's own exit status, which make would turn into its own 2.
 check: $(VENV)/.dev-installed
-	$(TEST_ENV) $(PY) -m pytest --doctest-modules --durations=15 $(PYTEST_ARGS) tests branchify; \
+	$(TEST_ENV) $(PY) -m pytest $(XDIST) --doctest-modules --durations=15 $(PYTEST_ARGS) tests branchify; \
 	status=$$?; if [ -n "$(STATUS_FILE)" ]; then echo $$status > "$(STATUS_FILE)"; fi; exit $$status
 	$(MAKE) --no-print-directory docs
 

@@ -1,5 +1,7 @@
 """bx.save / bx.load: safetensors only, every mismatch reported, nothing half-loaded, atomic writes."""
 
+import copy
+import functools
 import json
 import os
 import re
@@ -21,6 +23,13 @@ SPEC = bx.ExitSpec(exits=[bx.ExitPoint(layer="layer1", threshold=0.5, weight=0.2
 
 
 def trained_module(num_classes=4):
+    """A resnet18 with exits after one SGD step, and its model; built once per size, a deep copy each call (the
+    two copied together, so they share parameters as the originals do)."""
+    return copy.deepcopy(_trained_module(num_classes))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_module(num_classes):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=num_classes)
     module = bx.attach_exits(model, SPEC, X)

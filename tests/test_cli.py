@@ -196,6 +196,7 @@ def test_report_needs_no_arch_for_a_checkpoint_that_records_it(tmp_path, capsys)
     assert "was saved as resnet20_cifar; pass --arch resnet20_cifar" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess pipeline (branchify points | head)
 def test_a_reader_that_stops_early_ends_the_command_quietly():
     """``branchify points resnet18 | head -3``: no BrokenPipeError traceback."""
     import subprocess

@@ -75,7 +75,7 @@ def exits_of(module, batch: dict) -> list[torch.Tensor]:
         return list(module(batch)[:-1])
 
 
-@pytest.mark.parametrize("token", ["mean", "last"])
+@pytest.mark.parametrize("token", ["mean", pytest.param("last", marks=pytest.mark.slow)])  # "last": test_token_last_*
 def test_the_hook_path_skips_padding_as_the_graph_path_does(token):
     model = bert()
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="bert.encoder.layer.0", head=bx.HeadSpec(token=token))])
@@ -103,7 +103,7 @@ DECODERS = {"gpt2": (gpt2, "transformer.h.0", True), "llama": (llama, "model.lay
 
 
 @pytest.mark.parametrize("capture", ["export", "hooks"])
-@pytest.mark.parametrize("name", list(DECODERS))
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])  # one decoder fast
 def test_token_last_reads_the_last_real_token_left_and_right_padded(name, capture):
     make, layer, positions = DECODERS[name]
     model = make()
@@ -188,7 +188,7 @@ class _SequenceFirst(nn.Module):
 # torch.fx keeps torch's own modules whole, so there the exit is after the first encoder
 @pytest.mark.parametrize(("capture", "layer"), [("fx", "first"), ("export", "first.layers.0"),
                                                 ("hooks", "first.layers.0")])
-@pytest.mark.parametrize("token", ["mean", "cls"])
+@pytest.mark.parametrize("token", ["mean", pytest.param("cls", marks=pytest.mark.slow)])  # the batch dim is the point
 def test_sequence_first_exits_pool_each_sample_s_tokens(capture, layer, token):
     torch.manual_seed(0)
     model = _SequenceFirst().eval()

@@ -376,6 +376,7 @@ def _varied_heads(module: bx.ExitModule, runner: bx.ExitRunner, x: torch.Tensor)
             linear.bias[:3] = -(w / pooled.std(0)) @ pooled.mean(0)
 
 
+@pytest.mark.slow  # ONNX patience: about 10 s; the runner's patience is fast in test_exits_off_and_patience
 def test_patience_carries_each_samples_prediction_and_run_across_exits(tmp_path):
     """Patience at exits 0 and 2, entropy (with a temperature) between them: exit 1 counts in the runs too."""
     exits = [bx.ExitPoint(layer="1", threshold=2, criterion="patience"),
@@ -400,6 +401,7 @@ def test_patience_carries_each_samples_prediction_and_run_across_exits(tmp_path)
     assert mixes[3][0] == 64 and mixes[4][1] == 64, mixes
 
 
+@pytest.mark.slow  # saves, loads and exports; save/load is fast in test_runtime
 def test_a_loaded_runner_exports_from_its_programs(tmp_path):
     exits = [bx.ExitPoint(layer="3", threshold=1.0), bx.ExitPoint(layer="5", threshold=1.0)]
     module, runner, x = _tiny_runner(exits)
@@ -479,6 +481,7 @@ def test_an_exporter_failure_names_the_stage_and_keeps_the_cause(tmp_path, own_c
 # --- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # `branchify export --onnx`: exports resnet20 twice; the exporter itself has fast tests above
 def test_branchify_export_writes_the_file_the_runner_would(tmp_path, capsys):
     from branchify.commands.cli import main
     from branchify.distiller.models import get_model

@@ -149,7 +149,7 @@ def test_input_model_is_not_modified():
     assert not hasattr(model, "exit_heads")
 
 
-@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+@pytest.mark.parametrize("name", ["googlenet", pytest.param("inception_v3", marks=pytest.mark.slow)])  # one fast
 def test_auxiliary_outputs_follow_train_and_eval(name):
     size = 299 if name == "inception_v3" else 64  # the train-mode aux head needs its full input size
     model = torchvision.models.get_model(name, weights=None, num_classes=4, aux_logits=True, init_weights=True)

@@ -139,6 +139,7 @@ def test_repr(swept):
     assert "<table>" in result._repr_html_()
 
 
+@pytest.mark.slow  # sweeps twice; the other sweep tests run one
 def test_deterministic_under_a_seed(trained):
     model, train_loader, val_loader = trained
     kwargs = dict(candidates=["1", "4", "7"], epochs=1, max_exits=2, progress=False)

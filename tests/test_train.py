@@ -58,6 +58,7 @@ def check_distiller_output(stdout: str, exits: int) -> None:
     assert any(line.startswith("Saving vs the original model: ") for line in report)
 
 
+@pytest.mark.slow  # a subprocess training run; test_exit_layers_train_any_arch_and_write_checkpoint_and_spec stays fast
 def test_distiller_cifar_command_line_runs_through_the_example_script(tmp_path):
     argv = distiller_argv(CIFAR_LINE, tmp_path)
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "compress_classifier.py"), *argv],
@@ -72,6 +73,7 @@ def test_distiller_cifar_command_line_runs_through_the_example_script(tmp_path):
     assert spec.criterion == "entropy" and spec.exits[0].head.kind == "pool"
 
 
+@pytest.mark.slow  # trains at 224; the cifar command line's fast tests cover the trainer
 def test_distiller_imagenet_command_line(tmp_path, capsys):
     assert train.main(distiller_argv(IMAGENET_LINE, tmp_path)) == 0
     out = capsys.readouterr().out
