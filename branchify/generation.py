@@ -144,7 +144,8 @@ def _check_generation_config(model: nn.Module) -> None:
 def _checked(module, input_ids, attention_mask, max_new_tokens, draft_exit, draft_tokens):
     if not isinstance(module, LMExitModule):
         raise BranchifyError(
-            f"bx.generate drafts with an LM exit, so it needs a module made by branchify.lm.attach_lm_exits, got "
+            f"bx.generate drafts with an LM exit, so it needs a module made by bx.attach_exits with "
+            f"HeadSpec(kind='lm') exits on a causal LM, got "
             f"{type(module).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long \
             or input_ids.shape[1] == 0:
@@ -183,11 +184,10 @@ def generate(module: LMExitModule, input_ids: torch.Tensor, attention_mask: torc
     Prompts with padding must be left-padded.
 
     >>> import torch, transformers, branchify as bx
-    >>> from branchify.lm import attach_lm_exits
     >>> config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64)
     >>> model = transformers.GPT2LMHeadModel(config).eval()
     >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.0", head=bx.HeadSpec(kind="lm"))])
-    >>> module = attach_lm_exits(model, spec)
+    >>> module = bx.attach_exits(model, spec)
     >>> ids = torch.tensor([[1, 2, 3]])
     >>> out = bx.generate(module, ids, max_new_tokens=6)
     >>> torch.equal(out.sequences, model.generate(ids, max_new_tokens=6, do_sample=False))

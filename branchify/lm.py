@@ -100,8 +100,8 @@ class LMHead(nn.Module):
 
 def _refuse_lm_head(shape, layout, num_classes, spec):
     raise BranchifyError(
-        "HeadSpec(kind='lm') reads a causal LM's own final norm and lm_head, so bx.attach_exits cannot build it "
-        "for a classifier; attach it with branchify.lm.attach_lm_exits(model, spec)")
+        "HeadSpec(kind='lm') reads a causal LM's own final norm and lm_head, so it is built only as an LM exit, "
+        "never as a classifier's head: bx.attach_exits(causal_lm, spec) with every exit of kind='lm'")
 
 
 def _check_lm(spec) -> str | None:
