@@ -279,3 +279,29 @@ def test_generation_config_that_changes_greedy_choices_is_refused():
     model.generation_config.repetition_penalty = 1.3
     with pytest.raises(bx.BranchifyError, match="repetition_penalty=1.3"):
         bx.generate(module, ids, mask, max_new_tokens=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_distilled_draft_agrees_more_and_the_output_stays_the_models(family):
+    # end to end on a deeper config: distilling the exit raises its held-out agreement with the model, and with the
+    # trained adapter, long continuations of ragged left-padded prompts at several draft lengths are HF's greedy ones
+    from branchify.lm import distill_agreement
+
+    model, prefix = _model(family, layers=6, seed=3)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=f"{prefix}.1", head=bx.HeadSpec(kind="lm"))])
+    module = bx.attach_exits(model, spec)
+    gen = torch.Generator().manual_seed(7)
+    train = torch.utils.data.DataLoader(torch.randint(3, VOCAB, (64, 24), generator=gen), batch_size=8)
+    held = torch.utils.data.DataLoader(torch.randint(3, VOCAB, (16, 24), generator=gen), batch_size=8)
+    before = distill_agreement(module, held, torch.device("cpu"))[0]
+    bx.fit(module, train, epochs=10, mode="distill", lr=1e-2, progress=False)
+    assert distill_agreement(module, held, torch.device("cpu"))[0] > before
+    ids, mask = _prompts(4, seed=5)
+    expected = _greedy(model, ids, mask, 40)
+    rates = []
+    for draft_tokens in (1, 3, 6):
+        result = bx.generate(module, ids, mask, max_new_tokens=40, draft_tokens=draft_tokens, pad_token_id=PAD)
+        assert torch.equal(result.sequences, expected), draft_tokens
+        rates.append(result.accepted)
+    assert any(0 < rate < 1 for rate in rates)  # drafts were both kept and rolled back
