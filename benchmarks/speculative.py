@@ -2,12 +2,14 @@
 
 No pretrained LM can be downloaded here, so the script trains one: a byte-level decoder (vocabulary 256) on the
 Python standard library's own ``.py`` sources (every file of ``sysconfig.get_paths()["stdlib"]``, sorted; every
-tenth file is held out). The model is ``LlamaForCausalLM`` (the GPT-2 layout of pre-norm decoder blocks, with RoPE
-and RMSNorm): HF's ``generate(assistant_early_exit=k)`` honours ``config.num_hidden_layers`` only in Llama-style
-decoders (GPT-2's loop runs every block whatever the config says), so this is the architecture on which the anchor
-means something. Full setting: 8 layers, width 256, 4 heads, trained ``--train-seconds`` (default 240) on
-sequences of 128 bytes, then an LM exit after layer 2 (1/4 of the depth) distilled with
-``bx.fit(mode="distill")`` for ``--distill-seconds``.
+tenth file is held out). The model is GPT-2 sized (8 layers, width 256, 4 heads, a SwiGLU MLP of 8/3 x width, which
+holds what GPT-2's 4 x width MLP holds) but built as ``LlamaForCausalLM`` (pre-norm blocks with RoPE and RMSNorm):
+HF's ``generate(assistant_early_exit=k)`` honours ``config.num_hidden_layers`` only in Llama-style decoders
+(GPT-2's loop runs every block whatever the config says), so this is the architecture on which the anchor means
+something. Training: ``--train-steps`` (default 400) AdamW steps on 8 random windows of 128 bytes, warm-up and
+cosine decay; then an LM exit after layer 2 (1/4 of the depth) distilled with ``bx.fit(mode="distill")`` for
+``--distill-steps`` (default 80) batches of 16. Both are kept under ``--cache`` (default ``~/.cache/branchify``),
+keyed by the setting, so a rerun only measures.
 
 Then, on prompts of 64 bytes cut from the held-out files, in one run, interleaved
 (``branchify.runtime.benchmark.interleaved``; the median of the repeats), each variant generating
@@ -19,11 +21,12 @@ Then, on prompts of 64 bytes cut from the held-out files, in one run, interleave
   generation takes batch 1 only), with the raw final norm and ``lm_head`` on layer k (no adapter: HF has none).
 
 Reported: tokens/s of each, speedups over greedy, the acceptance rate and tokens per verification step of
-``bx.generate``, and the identical-output check on every prompt (float32: a mismatch would be a tie within rounding;
-it is counted, not hidden). Load matters: ``uptime`` is printed before and after.
+``bx.generate``, two ceilings on its speedup (all time per layer call, or all time per token through a layer), and
+the identical-output check on every prompt (float32: a mismatch would be a tie within rounding; it is counted, not
+hidden). Load matters: ``uptime`` is printed before and after.
 
-    python benchmarks/speculative.py                 # full: 8 layers x 256, 4 + 1 minutes of training
-    python benchmarks/speculative.py --quick         # reduced: 4 layers x 128, 40 s + 15 s, 4 prompts
+    python benchmarks/speculative.py                 # full: 8 layers x 256; about 15 + 1 minutes of training
+    python benchmarks/speculative.py --quick         # reduced: 4 layers x 128, 30 + 10 steps, 4 prompts
 """
 
 from __future__ import annotations
@@ -199,7 +202,8 @@ def main() -> None:
     units = [{"greedy b1": (lambda p=p: greedy(p[None])), "bx b1": (lambda p=p: ours(p[None])),
               "hf-early-exit b1": (lambda p=p: hf_early(p[None]))} for p in prompts]
     times = interleaved(units, repeats=args.repeats)
-    times8 = interleaved([{"greedy b8": lambda: greedy(prompts), "bx b8": lambda: ours(prompts)}],
+    b = f"b{n_prompts}"  # every prompt in one batch (8 in the full setting)
+    times8 = interleaved([{f"greedy {b}": lambda: greedy(prompts), f"bx {b}": lambda: ours(prompts)}],
                          repeats=args.repeats)
     times.update(times8)
     tokens = n_prompts * new
@@ -207,12 +211,18 @@ def main() -> None:
     print(f"\n{n_prompts} held-out prompts of 64 bytes, {new} new tokens each, draft_tokens={d}, "
           f"{args.threads} thread(s), median of {args.repeats} interleaved repeats")
     print(f"{'variant':<20} {'tokens/s':>9} {'vs greedy':>10}")
-    for name in ("greedy b1", "bx b1", "hf-early-exit b1", "greedy b8", "bx b8"):
-        base = median["greedy b8" if name.endswith("b8") else "greedy b1"]
+    for name in ("greedy b1", "bx b1", "hf-early-exit b1", f"greedy {b}", f"bx {b}"):
+        base = median[f"greedy {b}" if name.endswith(b) else "greedy b1"]
         print(f"{name:<20} {tokens / median[name]:9.1f} {base / median[name]:9.2f}x")
     print(f"\nbx.generate: acceptance {accepted:.1%}, {per_step:.2f} tokens per verification step (batch 1); "
-          f"batch 8: acceptance {batched.accepted:.1%}, {batched.tokens_per_step:.2f} tokens per step")
-    print(f"identical to greedy: bx batch 1 {same1}/{n_prompts}, bx batch 8 {same8}/{n_prompts}, "
+          f"batch {n_prompts}: acceptance {batched.accepted:.1%}, {batched.tokens_per_step:.2f} tokens per step")
+    # two ceilings on the speedup, from the step's shape: greedy runs all layers once per token; a step of bx runs
+    # d + 1 one-token calls through the exit's k layers, then one (d + 1)-token call through the rest
+    for label, tps in (("batch 1", per_step), (f"batch {n_prompts}", batched.tokens_per_step)):
+        calls = layers * tps / ((d + 1) * exit_layer + (layers - exit_layer))
+        print(f"ceilings at {label}: {calls:.2f}x if time were per layer call (overhead-bound), "
+              f"{tps / (d + 1):.2f}x if per token through a layer (compute-bound)")
+    print(f"identical to greedy: bx batch 1 {same1}/{n_prompts}, bx batch {n_prompts} {same8}/{n_prompts}, "
           f"hf-early-exit {same_hf}/{n_prompts}")
     print(f"load after: {uptime()}")
 
