@@ -214,6 +214,32 @@ def test_shared_layers_see_each_token_once_when_every_draft_is_accepted():
     assert seen == hf_seen == [ids.shape[1] + 12] * len(layers)
 
 
+def test_a_finished_row_leaves_the_batch():
+    # row 0 ends at its first token (eos); from then on the layers must compute row 1 only: after the prefill,
+    # every layer sees exactly the (row x token) work row 1 costs when decoded alone
+    model, module = _module("llama")
+    ids, mask = _prompts(2)
+    eos = int(_greedy(model, ids, mask, 1)[0, -1])
+    expected = _greedy(model, ids, mask, 12, eos_token_id=eos)
+    assert int((expected[1, ids.shape[1]:] != PAD).sum()) > 6  # row 1 goes on: the test can tell
+    layers = model.model.layers
+    work = [0] * len(layers)
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: work.__setitem__(
+        i, work[i] + (out[0] if isinstance(out, tuple) else out).shape[:2].numel())) for i, layer in enumerate(layers)]
+    try:
+        batched = bx.generate(module, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD)
+        in_batch = list(work)
+        work[:] = [0] * len(layers)
+        row = ids[1:, mask[1].bool()]
+        alone = bx.generate(module, row, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(batched.sequences, expected)
+    assert torch.equal(batched.sequences[1, 2:2 + alone.sequences.shape[1]], alone.sequences[0])
+    assert in_batch == [ids.numel() + w - row.numel() for w in work]
+
+
 def test_verification_reuses_the_drafts_states_for_the_shared_layers():
     # with rejections: each shared layer ran once per position the upper layers verified, never again for them
     model, module = _module("llama", depth=2)
