@@ -9,7 +9,8 @@ one token and the output is the model's greedy output.
 
 In a batch, each row keeps its own number of tokens per step. The cache stays one rectangle: slots of a row's
 rejected drafts are masked out for that row (and cropped once no row needs them), and each row's positions count
-only its own tokens, so no row waits for another's rejection. Left padding is handled the same way.
+only its own tokens, so no row waits for another's rejection. Left padding is handled the same way. A row that has
+finished (eos, or ``max_new_tokens``) leaves the batch, so the steps the slowest rows still need compute only them.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ class _Stack:
             self.length[i] = start + hidden.shape[1]
         return hidden
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` (the rows still generating) in the cache and the mask."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self.valid = self.valid[index]
+
     def crop(self, length: int) -> None:
         """Drop every slot from ``length`` on, in every layer (a rejected draft's keys and values)."""
         for i, layer in enumerate(self.cache.layers):
@@ -144,7 +151,8 @@ def _check_generation_config(model: nn.Module) -> None:
 def _checked(module, input_ids, attention_mask, max_new_tokens, draft_exit, draft_tokens):
     if not isinstance(module, LMExitModule):
         raise BranchifyError(
-            f"bx.generate drafts with an LM exit, so it needs a module made by branchify.lm.attach_lm_exits, got "
+            f"bx.generate drafts with an LM exit, so it needs a module made by bx.attach_exits with "
+            f"HeadSpec(kind='lm') exits on a causal LM, got "
             f"{type(module).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long \
             or input_ids.shape[1] == 0:
@@ -183,11 +191,10 @@ def generate(module: LMExitModule, input_ids: torch.Tensor, attention_mask: torc
     Prompts with padding must be left-padded.
 
     >>> import torch, transformers, branchify as bx
-    >>> from branchify.lm import attach_lm_exits
     >>> config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64)
     >>> model = transformers.GPT2LMHeadModel(config).eval()
     >>> spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.0", head=bx.HeadSpec(kind="lm"))])
-    >>> module = attach_lm_exits(model, spec)
+    >>> module = bx.attach_exits(model, spec)
     >>> ids = torch.tensor([[1, 2, 3]])
     >>> out = bx.generate(module, ids, max_new_tokens=6)
     >>> torch.equal(out.sequences, model.generate(ids, max_new_tokens=6, do_sample=False))
@@ -230,11 +237,18 @@ def generate(module: LMExitModule, input_ids: torch.Tensor, attention_mask: torc
 
         for row in range(batch):
             append(row, [int(pending[row])])
+        rows = list(range(batch))  # the original row of each row still in the cache
         while not all(done):
-            remaining = max(max_new_tokens - len(new[r]) for r in range(batch) if not done[r])
+            if any(done[row] for row in rows):  # finished rows leave the batch: later steps do not compute them
+                keep = [i for i, row in enumerate(rows) if not done[row]]
+                index = torch.tensor(keep, device=device)
+                stack.keep_rows(index)
+                pending, count, rows = pending[index], count[index], [rows[i] for i in keep]
+            active = len(rows)
+            remaining = max(max_new_tokens - len(new[row]) for row in rows)
             d = min(draft_tokens, remaining - 1)  # drafts past the last needed token would be thrown away
             start = stack.valid.shape[1]
-            ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
+            ones = torch.ones(active, 1, dtype=torch.bool, device=device)
             token, states, drafts = pending[:, None], [], []
             for j in range(d + 1):
                 pos = (count + j)[:, None]
@@ -246,7 +260,7 @@ def generate(module: LMExitModule, input_ids: torch.Tensor, attention_mask: torc
                     drafts.append(token)
             block = torch.cat(states, dim=1)  # (B, d + 1, hidden): the shared layers' output, reused
             pos = count[:, None] + torch.arange(d + 1, device=device)
-            valid_new = torch.ones(batch, d + 1, dtype=torch.bool, device=device)
+            valid_new = torch.ones(active, d + 1, dtype=torch.bool, device=device)
             hidden = stack.run(block, k, n_layers, pos, start, valid_new)
             choice = decoder.lm_head(decoder.norm(hidden)).argmax(-1)  # (B, d + 1): the model's greedy tokens
             if d:
@@ -255,14 +269,12 @@ def generate(module: LMExitModule, input_ids: torch.Tensor, attention_mask: torc
                 accepted = agree.sum(1)  # (B,)
             else:
                 drafted_block = choice[:, :0]
-                accepted = torch.zeros(batch, dtype=torch.long, device=device)
+                accepted = torch.zeros(active, dtype=torch.long, device=device)
             steps += 1
-            for row in range(batch):
-                if done[row]:
-                    continue
-                a = int(accepted[row])
+            for i, row in enumerate(rows):
+                a = int(accepted[i])
                 before = len(new[row])
-                append(row, [*drafted_block[row, :a].tolist(), int(choice[row, a])])
+                append(row, [*drafted_block[i, :a].tolist(), int(choice[i, a])])
                 drafted += d
                 kept += a
                 added += len(new[row]) - before

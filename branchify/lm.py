@@ -6,9 +6,10 @@ residually and initialised to zero, so an untrained exit is exactly LayerSkip's 
 intermediate state", and training can only move it from there; ``HeadSpec(kind="lm", hidden=r)`` makes the adapter
 low rank (``hidden -> r -> hidden``), ``options={"adapter": "none"}`` drops it (nothing to train).
 
-``attach_lm_exits`` builds the multi-output module: ``forward(input_ids, attention_mask=None)`` returns
-``(exit_0, ..., final)``, each ``(batch, length, vocab)``; the final logits are the model's own forward, bit for bit
-(the exits read the decoder layers' outputs through forward hooks). ``bx.fit(module, loader, mode="distill")`` trains
+``attach_lm_exits`` (what ``bx.attach_exits`` calls for a spec of LM heads) builds the multi-output module:
+``forward(input_ids, attention_mask=None)`` returns ``(exit_0, ..., final)``, each ``(batch, length, vocab)``; the
+final logits are the model's own forward, bit for bit (the exits read the decoder layers' outputs through forward
+hooks). ``bx.fit(module, loader, mode="distill")`` trains
 the adapters; ``bx.generate`` drafts with them.
 """
 
@@ -100,8 +101,8 @@ class LMHead(nn.Module):
 
 def _refuse_lm_head(shape, layout, num_classes, spec):
     raise BranchifyError(
-        "HeadSpec(kind='lm') reads a causal LM's own final norm and lm_head, so bx.attach_exits cannot build it "
-        "for a classifier; attach it with branchify.lm.attach_lm_exits(model, spec)")
+        "HeadSpec(kind='lm') reads a causal LM's own final norm and lm_head, so it is built only as an LM exit, "
+        "never as a classifier's head: bx.attach_exits(causal_lm, spec) with every exit of kind='lm'")
 
 
 def _check_lm(spec) -> str | None:

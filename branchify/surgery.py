@@ -26,6 +26,7 @@ from .errors import BranchifyError
 from .exits import HEAD, HEAD_INPUT_COPY, HEADS, ExitPointInfo, Exits
 from .heads import build_head, default_token, mask_reading
 from .layout import choose_layout
+from .lm import attach_lm_exits
 from .points import Analysis
 from .spec import ExitPoint, ExitSpec, spec_attribute
 
@@ -177,7 +178,7 @@ def _num_classes(output) -> int:
         "a (batch, num_classes) tensor")
 
 
-def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
+def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs=None, *,
                  leaf_modules: list[type] | None = None, capture: str = "auto",
                  output: str | int | None = None) -> nn.Module:
     """Attach the exits of ``spec`` to ``model`` and return a multi-output module.
@@ -199,6 +200,10 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     ``module(**batch)``. ``model`` is not modified; the result shares its parameters.
     ``leaf_modules`` are module types torch.fx does not trace through.
 
+    Exits with ``HeadSpec(kind="lm")`` on a Hugging Face causal LM (GPT-2, Llama, Qwen2) build the LM exit module
+    of ``branchify.lm.attach_lm_exits`` instead (per-token vocabulary logits for ``bx.generate``); they need no
+    ``example_inputs``, and ``capture``, ``leaf_modules`` and ``output`` do not apply to them.
+
     >>> import torch, torchvision, branchify as bx
     >>> model = torchvision.models.resnet18().eval()
     >>> module = bx.attach_exits(model, ["layer1", "layer2"], torch.randn(1, 3, 64, 64)).eval()
@@ -211,6 +216,17 @@ def attach_exits(model: nn.Module, spec: ExitSpec, example_inputs, *,
     """
     spec = as_spec(spec)
     model = unwrap_compiled(model)
+    if any(point.head.kind == "lm" for point in spec.exits):
+        if capture not in ("auto", "hooks") or leaf_modules is not None or output is not None:
+            raise BranchifyError(
+                f"LM exits (HeadSpec(kind='lm')) read the decoder layers with forward hooks and return the model's own "
+                f"logits, so capture={capture!r}, leaf_modules={leaf_modules!r} and output={output!r} do not apply; "
+                "leave them at their defaults")
+        return attach_lm_exits(model, spec)
+    if example_inputs is None:
+        raise BranchifyError(
+            "attach_exits needs example_inputs to size the heads: a tensor, a tuple of tensors or a dict of named "
+            "tensors, e.g. torch.randn(1, 3, 224, 224) (only LM exits, HeadSpec(kind='lm'), need none)")
     inputs = Inputs.of(example_inputs)
     inputs.check_batch("attach_exits")
     try:

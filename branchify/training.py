@@ -203,7 +203,7 @@ def fit(module: nn.Module, train_loader: Iterable, *, epochs: int, mode: Mode = 
     ``mode="joint"``: the backbone and the heads train together on ``bx.EarlyExitLoss(module.exit_spec)``
     (Distiller's recipe; the exits need loss weights). ``mode="heads"``: the backbone is frozen and in
     eval mode (weights and BatchNorm statistics unchanged) and only the heads train, on the sum of
-    their cross-entropies. ``mode="distill"`` (LM exits from ``branchify.lm.attach_lm_exits``): the same frozen
+    their cross-entropies. ``mode="distill"`` (LM exits, ``HeadSpec(kind="lm")``): the same frozen
     backbone, and the heads' adapters learn the model's own next-token distribution (the KL divergence to the final
     logits, per real token; no labels: batches are token ids, ``(input_ids, attention_mask)`` pairs or dicts of
     them); its ``val_accuracy`` is each exit's greedy agreement with the model. Afterwards every ``requires_grad``

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import branchify as bx
-from branchify.lm import attach_lm_exits
+from branchify.lm import LMExitModule
 
 VOCAB = 61
 PAD = 0
@@ -32,7 +32,7 @@ def _model(family: str, dtype=torch.float64, layers: int = 4, seed: int = 0):
 def _module(family: str, dtype=torch.float64, depth: int = 1, **head):
     model, prefix = _model(family, dtype)
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=f"{prefix}.{depth - 1}", head=bx.HeadSpec(kind="lm", **head))])
-    return model, attach_lm_exits(model, spec)
+    return model, bx.attach_exits(model, spec)
 
 
 def _prompts(batch: int, seed: int = 1):
@@ -62,6 +62,37 @@ def test_lm_exit_final_is_the_models_logits_and_exit_reads_its_layer(family):
     torch.testing.assert_close(exit_logits, model.lm_head(norm(reference.hidden_states[2])), rtol=0, atol=1e-12)
 
 
+def test_attach_exits_builds_lm_exits_from_a_spec_of_lm_heads():
+    # the normal entry point: a spec (here as a dict, as from JSON) of kind="lm" exits on a causal LM, no example
+    # inputs; the result's exits read the layers the spec names, and bx.generate drafts from the second one
+    model, _ = _model("llama")
+    spec = {"exits": [{"layer": "model.layers.0", "head": {"kind": "lm"}},
+                      {"layer": "model.layers.2", "head": {"kind": "lm", "hidden": 4}}]}
+    module = bx.attach_exits(model, spec)
+    assert isinstance(module, LMExitModule) and module.exit_spec.layers == ["model.layers.0", "model.layers.2"]
+    ids, mask = _prompts(2)
+    *exits, final = module(ids, mask)
+    reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert torch.equal(final, reference.logits)
+    for logits, depth in zip(exits, (1, 3)):
+        expected = model.lm_head(model.model.norm(reference.hidden_states[depth]))
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
+    assert sum(p.numel() for p in module.exit_heads[1].parameters()) == 2 * 32 * 4  # the low-rank adapter
+    result = bx.generate(module, ids, mask, max_new_tokens=8, draft_exit=1)
+    assert torch.equal(result.sequences, _greedy(model, ids, mask, 8))
+
+
+def test_attach_exits_refuses_graph_options_for_lm_exits_and_a_classifier_without_example_inputs():
+    model, _ = _model("gpt2")
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.0", head=bx.HeadSpec(kind="lm"))])
+    with pytest.raises(bx.BranchifyError, match="capture='fx'.*do not apply"):
+        bx.attach_exits(model, spec, capture="fx")
+    with pytest.raises(bx.BranchifyError, match="output='logits'.*do not apply"):
+        bx.attach_exits(model, spec, output="logits")
+    with pytest.raises(bx.BranchifyError, match="needs example_inputs"):
+        bx.attach_exits(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), ["0"])
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_generate_equals_hf_greedy_in_float64(family, batch):
@@ -82,9 +113,28 @@ def test_generate_rolls_back_rejected_drafts_per_row_and_stays_exact():
     assert torch.equal(result.sequences, _greedy(model, ids, mask, 16))
 
 
-def test_generate_equals_hf_greedy_in_float32():
+def test_rows_of_a_batch_advance_by_their_own_acceptance():
+    # each row of a batch must take exactly the verification steps it takes alone (no row waits for another's
+    # rejection, as a lock-step batch advancing by the smallest acceptance would), and output what it outputs alone
+    model, module = _module("llama")
+    ids, mask = _prompts(4, seed=3)
+    batched = bx.generate(module, ids, mask, max_new_tokens=16, draft_tokens=4)
+    alone = [bx.generate(module, ids[r:r + 1, mask[r].bool()], max_new_tokens=16, draft_tokens=4)
+             for r in range(4)]
+    assert len({r.steps for r in alone}) > 1  # the rows accept different numbers of drafts: the test can tell
+    assert batched.steps == max(r.steps for r in alone)
+    added = sum(r.tokens_per_step * r.steps for r in alone)
+    assert batched.tokens_per_step == pytest.approx(added / sum(r.steps for r in alone))
+    for r, single in enumerate(alone):
+        pads = int((mask[r] == 0).sum())
+        assert torch.equal(batched.sequences[r, pads:], single.sequences[0])
+    assert torch.equal(batched.sequences, _greedy(model, ids, mask, 16))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_equals_hf_greedy_in_float32(family):
     # float32 is exact here; in general ties within rounding may differ (the docs say so), as in HF's assisted mode
-    model, module = _module("gpt2", torch.float32)
+    model, module = _module(family, torch.float32)
     ids, mask = _prompts(4)
     assert torch.equal(bx.generate(module, ids, mask, max_new_tokens=12).sequences, _greedy(model, ids, mask, 12))
 
@@ -109,6 +159,20 @@ def test_generate_stops_rows_at_eos_like_hf(family):
     assert torch.equal(result.sequences, expected)
 
 
+def test_eos_inside_an_accepted_draft_block_ends_the_row_there():
+    # every draft is accepted, so a row's eos arrives in the middle of a drafted block: the tokens drafted after it
+    # must be dropped and the row padded, as HF's greedy generate does
+    model, module = _perfect_draft()
+    ids, mask = _prompts(4)
+    free = _greedy(model, ids, mask, 12)
+    eos = int(free[1, ids.shape[1] + 2])  # row 1's third new token: inside the first drafted block of 4
+    expected = _greedy(model, ids, mask, 12, eos_token_id=eos)
+    assert bool((expected[1, ids.shape[1] + 3:] == PAD).all()) and expected.shape[1] > ids.shape[1] + 3
+    result = bx.generate(module, ids, mask, max_new_tokens=12, draft_tokens=4, eos_token_id=eos, pad_token_id=PAD)
+    assert result.accepted == 1.0
+    assert torch.equal(result.sequences, expected)
+
+
 def _count_tokens(layers):
     seen = [0] * len(layers)
     handles = [layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(
@@ -116,10 +180,9 @@ def _count_tokens(layers):
     return seen, handles
 
 
-def test_shared_layers_see_each_token_once_when_every_draft_is_accepted():
-    # GPT-2 whose layers above the exit add nothing (their output projections are zero): the exit, with no adapter,
-    # is the model itself, every draft is accepted, and each layer must see each token once, exactly as in HF's
-    # greedy generate; a draft-then-recompute scheme would run the first layers twice on every drafted token
+def _perfect_draft():
+    """GPT-2 whose layers above the first add nothing (their output projections are zero), with an exit after the
+    first layer and no adapter: the exit is the model itself, so every draft is accepted."""
     model, prefix = _model("gpt2")
     with torch.no_grad():
         for block in model.transformer.h[1:]:
@@ -128,7 +191,13 @@ def test_shared_layers_see_each_token_once_when_every_draft_is_accepted():
                 proj.bias.zero_()
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=f"{prefix}.0", head=bx.HeadSpec(kind="lm",
                                                                                  options={"adapter": "none"}))])
-    module = attach_lm_exits(model, spec)
+    return model, bx.attach_exits(model, spec)
+
+
+def test_shared_layers_see_each_token_once_when_every_draft_is_accepted():
+    # with a perfect draft each layer must see each token once, exactly as in HF's greedy generate; a
+    # draft-then-recompute scheme would run the first layers twice on every drafted token
+    model, module = _perfect_draft()
     ids, mask = _prompts(1)
     layers = model.transformer.h
     seen, handles = _count_tokens(layers)
@@ -143,6 +212,32 @@ def test_shared_layers_see_each_token_once_when_every_draft_is_accepted():
     assert torch.equal(result.sequences, expected)
     assert result.accepted == 1.0 and result.steps < 13
     assert seen == hf_seen == [ids.shape[1] + 12] * len(layers)
+
+
+def test_a_finished_row_leaves_the_batch():
+    # row 0 ends at its first token (eos); from then on the layers must compute row 1 only: after the prefill,
+    # every layer sees exactly the (row x token) work row 1 costs when decoded alone
+    model, module = _module("llama")
+    ids, mask = _prompts(2)
+    eos = int(_greedy(model, ids, mask, 1)[0, -1])
+    expected = _greedy(model, ids, mask, 12, eos_token_id=eos)
+    assert int((expected[1, ids.shape[1]:] != PAD).sum()) > 6  # row 1 goes on: the test can tell
+    layers = model.model.layers
+    work = [0] * len(layers)
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: work.__setitem__(
+        i, work[i] + (out[0] if isinstance(out, tuple) else out).shape[:2].numel())) for i, layer in enumerate(layers)]
+    try:
+        batched = bx.generate(module, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD)
+        in_batch = list(work)
+        work[:] = [0] * len(layers)
+        row = ids[1:, mask[1].bool()]
+        alone = bx.generate(module, row, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(batched.sequences, expected)
+    assert torch.equal(batched.sequences[1, 2:2 + alone.sequences.shape[1]], alone.sequences[0])
+    assert in_batch == [ids.numel() + w - row.numel() for w in work]
 
 
 def test_verification_reuses_the_drafts_states_for_the_shared_layers():
@@ -188,17 +283,18 @@ def test_refusals():
     ids, mask = _prompts(2)
     with pytest.raises(bx.BranchifyError, match="left"):
         bx.generate(module, ids, mask.flip(1), max_new_tokens=3)
-    with pytest.raises(bx.BranchifyError, match="attach_lm_exits"):
+    with pytest.raises(bx.BranchifyError, match="kind='lm'"):
         bx.generate(model, ids, mask, max_new_tokens=3)
     with pytest.raises(bx.BranchifyError, match="draft_exit=1"):
         bx.generate(module, ids, mask, max_new_tokens=3, draft_exit=1)
     with pytest.raises(bx.BranchifyError, match="last decoder layer"):
-        attach_lm_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.3",
+        bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.3",
                                                                head=bx.HeadSpec(kind="lm"))]))
-    with pytest.raises(bx.BranchifyError, match="kind='lm'"):
-        attach_lm_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.1")]))
+    with pytest.raises(bx.BranchifyError, match="exit 1 .*got kind='linear'"):
+        bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.0", head=bx.HeadSpec(kind="lm")),
+                                                  bx.ExitPoint(layer="transformer.h.1")]))
     with pytest.raises(bx.BranchifyError, match="adapter"):
-        attach_lm_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.1", head=bx.HeadSpec(
+        bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer="transformer.h.1", head=bx.HeadSpec(
             kind="lm", options={"adapter": "mlp"}))]))
 
 
@@ -209,3 +305,29 @@ def test_generation_config_that_changes_greedy_choices_is_refused():
     model.generation_config.repetition_penalty = 1.3
     with pytest.raises(bx.BranchifyError, match="repetition_penalty=1.3"):
         bx.generate(module, ids, mask, max_new_tokens=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_distilled_draft_agrees_more_and_the_output_stays_the_models(family):
+    # end to end on a deeper config: distilling the exit raises its held-out agreement with the model, and with the
+    # trained adapter, long continuations of ragged left-padded prompts at several draft lengths are HF's greedy ones
+    from branchify.lm import distill_agreement
+
+    model, prefix = _model(family, layers=6, seed=3)
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=f"{prefix}.1", head=bx.HeadSpec(kind="lm"))])
+    module = bx.attach_exits(model, spec)
+    gen = torch.Generator().manual_seed(7)
+    train = torch.utils.data.DataLoader(torch.randint(3, VOCAB, (64, 24), generator=gen), batch_size=8)
+    held = torch.utils.data.DataLoader(torch.randint(3, VOCAB, (16, 24), generator=gen), batch_size=8)
+    before = distill_agreement(module, held, torch.device("cpu"))[0]
+    bx.fit(module, train, epochs=10, mode="distill", lr=1e-2, progress=False)
+    assert distill_agreement(module, held, torch.device("cpu"))[0] > before
+    ids, mask = _prompts(4, seed=5)
+    expected = _greedy(model, ids, mask, 40)
+    rates = []
+    for draft_tokens in (1, 3, 6):
+        result = bx.generate(module, ids, mask, max_new_tokens=40, draft_tokens=draft_tokens, pad_token_id=PAD)
+        assert torch.equal(result.sequences, expected), draft_tokens
+        rates.append(result.accepted)
+    assert any(0 < rate < 1 for rate in rates)  # drafts were both kept and rolled back
