@@ -137,6 +137,7 @@ def test_report_rejects_the_wrong_arch_and_threshold_count(trained_run, capsys):
     assert "--thresholds has 2 value(s) [1.0, 2.0] but the checkpoint has 1 early exit(s)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains then sweeps; test_sweep_on_digits_writes_result_plot_and_checkpoint stays fast
 def test_sweep_takes_the_backbone_from_a_trainer_checkpoint(trained_run, tmp_path, capsys):
     checkpoint = trained_run / "checkpoint.safetensors"
     argv = ["sweep", "resnet20_cifar", "digits", "--checkpoint", str(checkpoint), "--epochs", "1", "--max-exits",

@@ -269,6 +269,7 @@ def test_runs_under_inference_mode():
     assert result.logits.is_inference() and not result.logits.requires_grad
 
 
+@pytest.mark.slow  # bf16 kernels on the CPU are slow; the float32 runner tests stay fast
 def test_bfloat16():
     module = built("resnet18")
     x = batch("resnet18").bfloat16()
@@ -320,6 +321,7 @@ def test_follows_a_new_spec_on_the_module():
     assert runner(x).exit_index.unique().tolist() == [0]
 
 
+@pytest.mark.slow  # scripts, exports and translates every stage; tests/test_onnx and test_surgery's scripting stay fast
 def test_stages_script_export_and_onnx():
     onnxruntime = pytest.importorskip("onnxruntime")
     module = built("resnet18_in_block")
@@ -356,6 +358,7 @@ def test_stages_script_export_and_onnx():
             assert torch.equal(head(values[0]), runner.heads[i](values[0]))
 
 
+@pytest.mark.slow  # torch.compile of each stage (test_surgery compiles the module fast)
 def test_compile_stage_by_stage_without_recompiling_for_new_sub_batches():
     module = built("tiny")
     x = batch("tiny", 12)
@@ -373,6 +376,7 @@ def test_compile_stage_by_stage_without_recompiling_for_new_sub_batches():
     torch.testing.assert_close(again.logits, eager(other).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a subprocess; the saved-runner refusals below stay fast
 def test_save_and_load_run_without_the_model_source(tmp_path):
     module = built("tiny")
     x = batch("tiny")

@@ -79,6 +79,7 @@ def test_every_head_kind_gives_batch_by_classes(kind):
     assert out[0].shape == (3, 7)
 
 
+@pytest.mark.slow  # swin_t and vit_b_32; test_points checks both layouts on small models fast
 def test_channels_last_and_token_layouts_get_matching_heads():
     swin = torchvision.models.swin_t(num_classes=5).eval()
     spec = bx.ExitSpec(exits=[bx.ExitPoint(layer="features.3"),

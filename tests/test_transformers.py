@@ -57,7 +57,8 @@ def build(name: str):
     return CASES[name][0]().eval()
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n if n in ("bert", "vit") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CASES])  # one encoder and one image model fast
 def test_exits_are_exact_and_routed_per_sample(name):
     make, layers, inputs = CASES[name]
     module = check_exits(build(name), layers, inputs, channels=[HIDDEN, HIDDEN], path="export")
