@@ -1,15 +1,17 @@
 """The routing rule applied by hand, one sample at a time: the independent reference for the runner and for
-``branchify.routing.route`` (tests/test_runtime.py, tests/test_properties.py)."""
+``branchify.routing.route`` (tests/test_runtime.py, tests/test_properties.py), and ``check_runner``, the runner
+held to it and to the routed module (tests/test_decoders.py, tests/test_transformers.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import torch
-from exits import logits_of
+from exits import expected, logits_of, spread_heads, with_mix
 from torch import nn
 
 import branchify as bx
+from branchify.routing import route
 
 
 def hand_score(criterion: str, logits: torch.Tensor, temperature: float) -> float:
@@ -50,3 +52,29 @@ def by_hand(module: nn.Module, spec: bx.ExitSpec, x: torch.Tensor | Mapping[str,
             taken.append(exit_index)
             logits.append(outputs[exit_index][0])
     return torch.tensor(taken, dtype=torch.int64), torch.stack(logits)
+
+
+def check_runner(module: nn.Module, batches: list) -> bx.ExitRunner:
+    """The runner against the routed module and the per-sample loop, on each of ``batches`` and its first
+    sample alone; thresholds are placed (``exits.with_mix``) on ``batches[0]`` so that every exit takes
+    samples. Returns the runner."""
+    spread_heads(module, batches[0])
+    spec = with_mix(module, batches[0])
+    runner = bx.ExitRunner(module)
+    seen = set()
+    for inputs in batches:
+        n = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else inputs.shape[0]
+        for size in sorted({1, n}):
+            part = {k: v[:size] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:size]
+            result = runner(part)
+            with torch.no_grad():
+                outs = module(part)
+            decisions = route(spec, outs[:-1])
+            assert torch.equal(result.exit_index, decisions)
+            torch.testing.assert_close(result.logits, expected(outs, decisions), rtol=1e-4, atol=1e-5)
+            alone_index, alone_logits = by_hand(module, spec, part)
+            assert torch.equal(result.exit_index, alone_index)
+            torch.testing.assert_close(result.logits, alone_logits, rtol=1e-4, atol=1e-5)
+            seen |= set(result.exit_index.tolist())
+    assert seen == set(range(len(module.exit_heads) + 1)), "every exit should take samples, or the check is vacuous"
+    return runner

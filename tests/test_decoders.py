@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from by_hand import by_hand
-from exits import expected, spread_heads, with_mix
+from by_hand import check_runner
 from torch import nn
 
 import branchify as bx
-from branchify.routing import route
 
 SEQ = 10
 PAD = 0
@@ -46,29 +44,6 @@ class Rotary(nn.Module):
         for layer in self.layers:
             x = x + torch.tanh(layer(x * cos + x.flip(-1) * sin))
         return self.fc(x.mean(1))
-
-
-def check_runner(module: nn.Module, batches: list) -> None:
-    """The runner against the routed module and the per-sample loop, on each of ``batches``."""
-    spread_heads(module, batches[0])
-    spec = with_mix(module, batches[0])
-    runner = bx.ExitRunner(module)
-    seen = set()
-    for inputs in batches:
-        n = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else inputs.shape[0]
-        for size in sorted({1, n}):
-            part = {k: v[:size] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:size]
-            result = runner(part)
-            with torch.no_grad():
-                outs = module(part)
-            decisions = route(spec, outs[:-1])
-            assert torch.equal(result.exit_index, decisions)
-            torch.testing.assert_close(result.logits, expected(outs, decisions), rtol=1e-4, atol=1e-5)
-            alone_index, alone_logits = by_hand(module, spec, part)
-            assert torch.equal(result.exit_index, alone_index)
-            torch.testing.assert_close(result.logits, alone_logits, rtol=1e-4, atol=1e-5)
-            seen |= set(result.exit_index.tolist())
-    assert seen == set(range(len(module.exit_heads) + 1)), "every exit should take samples, or the check is vacuous"
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])

@@ -5,12 +5,16 @@ Models are built from small configs with random weights; nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from by_hand import by_hand, check_runner
 from exits import check_exits, logits_of, with_mix
 from torch.utils.data import DataLoader
 
 import branchify as bx
+from branchify.heads import GlobalPool
 
 transformers = pytest.importorskip("transformers")
 
@@ -179,3 +183,162 @@ def test_a_sweep_takes_dict_batches_with_labels_and_lists_module_paths():
 def test_vit_exit_points_are_listed_by_module_path():
     names = [p.name for p in bx.list_exit_points(build("vit"), pixel_batch()(1))]
     assert {"vit.layers.0", "vit.layers.1", "vit.layers.2"} <= set(names)
+
+
+# --- the models people bring now: RoPE decoders, GPT-2, ALBERT, ModernBERT (issue 21) -------------------------
+#
+# Each family's classifier from a 3-layer config, exits after its first two layers (ALBERT: the first two calls
+# of its one shared layer), checked against independent references: the model's own logits (bit for bit),
+# tests/by_hand (each sentence run alone, the rule applied by hand) for the runner, its saved copy and its ONNX
+# file, at batch 1 and 8, right and left padded, at the capture's length and others. torch.export of a decoder
+# takes 5-30 s on two shared cores, so the grid is in the slow tier; tests/test_decoders.py keeps a RoPE model
+# in miniature in the fast one.
+
+def _decoder(**extra):
+    return dict(vocab_size=100, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1, max_position_embeddings=64,
+                use_cache=False, **extra)  # use_cache=False: with its key/value cache on, a decoder takes hooks
+
+
+ALBERT_LAYER = "albert.encoder.albert_layer_groups.0.albert_layers.0"
+FAMILIES = {
+    "llama": (lambda: transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        **_decoder(num_key_value_heads=1))), ["model.layers.0", "model.layers.1"]),
+    "qwen2": (lambda: transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(
+        **_decoder(num_key_value_heads=1))), ["model.layers.0", "model.layers.1"]),
+    "mistral": (lambda: transformers.MistralForSequenceClassification(transformers.MistralConfig(
+        **_decoder(num_key_value_heads=1, sliding_window=None))), ["model.layers.0", "model.layers.1"]),
+    "gpt2": (lambda: transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=100, n_embd=HIDDEN, n_layer=3, n_head=2, n_positions=64, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1, use_cache=False)), ["transformer.h.0", "transformer.h.1"]),
+    "albert": (lambda: transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
+        vocab_size=100, embedding_size=16, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=37, num_labels=3)), [f"{ALBERT_LAYER}:0", f"{ALBERT_LAYER}:1"]),
+}
+if hasattr(transformers, "ModernBertForSequenceClassification"):  # transformers >= 4.48
+    FAMILIES["modernbert"] = (lambda: transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(
+        vocab_size=100, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1,
+        max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8)),
+        ["model.layers.0", "model.layers.1"])
+CAUSAL = {"llama", "qwen2", "mistral", "gpt2"}
+ROPE = {"llama", "qwen2", "mistral", "modernbert"}
+
+
+def padded(side: str, n: int = 8, length: int = SEQ, seed: int = 1, positions: bool = False) -> dict:
+    """``n`` sentences of ``length`` positions, sentence ``i`` padded by ``i % 4`` positions on ``side``;
+    ``positions``: with the position ids that count the real tokens only (what a left-padded batch needs for
+    a model with positions to see each sentence as it sees it alone)."""
+    ids = torch.randint(3, 100, (n, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(n, length, dtype=torch.long)
+    for i in range(n):
+        if i % 4:
+            mask[i, length - i % 4:] = 0 if side == "right" else 1
+            mask[i, :i % 4] = 0 if side == "left" else 1
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    if positions:
+        batch["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+    return batch
+
+
+@functools.cache
+def family(name: str, positions: bool = False) -> tuple[torch.nn.Module, bx.ExitModule, bx.ExitRunner]:
+    """The family's model, its exit module (captured with or without position ids) and the runner, checked
+    once against by_hand: right and left padded, batch 8 and one sentence."""
+    torch.manual_seed(0)
+    make, layers = FAMILIES[name]
+    model = make().eval()
+    module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in layers]),
+                             padded("right", 2, positions=positions)).eval()
+    batches = [padded(side, positions=positions) for side in ("right", "left")]
+    with torch.no_grad():
+        for batch in batches:
+            assert torch.equal(module(batch)[-1], model(**batch).logits), "the final output must be the model's"
+    runner = check_runner(module, batches)
+    return model, module, runner
+
+
+def _families(*, only=None):
+    return [pytest.param(name, marks=pytest.mark.slow) for name in FAMILIES if only is None or name in only]
+
+
+@pytest.mark.parametrize("name", _families())
+def test_the_runner_routes_each_sentence_as_alone_right_and_left_padded(name):
+    model, module, _ = family(name)
+    assert module.exit_path == "export"
+    assert all(p.layout is bx.Layout.NLC for p in module.exit_points)
+    # a causal decoder's default head reads the last real token (what its own classifier pools), an encoder's the
+    # mean over the real tokens
+    pools = [m for head in module.exit_heads for m in head.modules() if isinstance(m, GlobalPool)]
+    assert [pool.token for pool in pools] == ["last" if name in CAUSAL else "mean"] * len(module.exit_heads)
+
+
+@pytest.mark.parametrize("name", _families())
+def test_a_sentence_s_exits_do_not_change_with_its_padding(name):
+    """Captured with position ids (so a left-padded sentence keeps its positions): the runner is checked again
+    (a RoPE model's cos/sin now come from per-sample positions, so they are carried and compacted with the
+    batch), and each sentence's exit logits equal those of the sentence alone, unpadded, whichever side the
+    padding is on."""
+    model, module, runner = family(name, positions=True)
+    for side in ("right", "left"):
+        batch = padded(side, positions=True)
+        with torch.no_grad():
+            outputs = module(batch)
+            result = runner(batch)
+        for i in range(8):
+            real = batch["attention_mask"][i].bool()
+            alone = {k: v[i:i + 1, real] for k, v in batch.items()}
+            with torch.no_grad():
+                own = module(alone)
+            for j in range(len(module.exit_heads)):
+                torch.testing.assert_close(outputs[j][i], own[j][0], rtol=1e-4, atol=1e-5, msg=f"{side} {i} exit {j}")
+            torch.testing.assert_close(result.logits[i], own[int(result.exit_index[i])][0], rtol=1e-4, atol=1e-5)
+            if name in CAUSAL:  # the model's own classifier reads the last real token: padding-invariant too
+                torch.testing.assert_close(outputs[-1][i], own[-1][0], rtol=1e-4, atol=1e-5)
+
+
+def _against_by_hand(module: bx.ExitModule, run, lengths) -> set:
+    """``run`` on right- and left-padded batches of each of ``lengths`` against by_hand; the exits taken."""
+    seen = set()
+    for side in ("right", "left"):
+        for length in lengths:
+            batch = padded(side, length=length, seed=1 if length == SEQ else length)
+            exit_index, logits = run(batch)
+            want_index, want_logits = by_hand(module, module.exit_spec, batch)
+            assert torch.equal(torch.as_tensor(exit_index), want_index), f"{side} {length}"
+            torch.testing.assert_close(torch.as_tensor(logits), want_logits, rtol=1e-4, atol=1e-5)
+            seen |= set(want_index.tolist())
+    return seen
+
+
+@pytest.mark.parametrize("name", _families())
+def test_the_saved_runner_routes_as_the_runner(name, tmp_path):
+    _, module, runner = family(name)
+    loaded = bx.ExitRunner.load(runner.save(tmp_path / name, example_inputs=padded("right", 2)))
+
+    def run(batch):
+        result = loaded(batch)
+        return result.exit_index, result.logits
+
+    assert _against_by_hand(module, run, [SEQ]) == {0, 1, 2}
+    # the programs take any length, but the folder holds the MACs of the saved one only: refused, not guessed
+    with pytest.raises(bx.BranchifyError, match=r"saved for inputs \(B, 12\), \(B, 12\).*save the runner again"):
+        loaded(padded("right", length=7))
+
+
+@pytest.mark.parametrize("name", _families())
+def test_the_onnx_file_routes_as_the_runner_at_any_length(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, module, runner = family(name)
+    path = runner.export_onnx(tmp_path / f"{name}.onnx", example_inputs=padded("right", 2))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert {i.name: i.shape for i in session.get_inputs()} == {"input_ids": ["batch", "length"],
+                                                              "attention_mask": ["batch", "length"]}
+
+    def run(batch):
+        logits, exit_index = session.run(None, {k: v.numpy() for k, v in batch.items()})
+        return exit_index, logits
+
+    assert _against_by_hand(module, run, [SEQ, 7, 14]) == {0, 1, 2}
