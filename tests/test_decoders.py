@@ -1,13 +1,11 @@
-"""Decoders and other sequence models people bring: RoPE (Llama, Qwen2, Mistral, ModernBERT), ALBERT, GPT-2,
-and timm ViT exits inside a block.
+"""Sequence models in miniature: RoPE values computed from the sequence length crossing every cut, a value
+computed across the batch (refused), and timm ViT exits inside a block.
 
-Every case checks what a user relies on against independent references: the module's final output equals
-the original model's bit for bit; the runner's per-sample exits and logits equal the routed module's and an
-independent per-sample loop's (the whole module run on each sample alone, the exit rule applied by hand),
-at batch 1 and 8, with left and right padding; a sentence's exit logits do not change with its padding
-where the model's own logits do not. Models are built from tiny configs with random weights. The Hugging
-Face grid is slow (torch.export of a decoder takes seconds); one RoPE decoder and the small models run in
-the fast tier.
+Each case checks the runner against independent references (tests/by_hand.check_runner): the routed module
+and each sample run alone with the rule applied by hand, at batch 1 and 8. These are the fast tier's
+representatives; the Hugging Face models themselves (Llama, Qwen2, Mistral, ModernBERT, ALBERT, GPT-2: right
+and left padding, padding invariance, save/load, ONNX) are tests/test_transformers.py's slow grid, since
+torch.export of a decoder takes seconds.
 """
 
 from __future__ import annotations
@@ -82,12 +80,12 @@ def test_a_value_computed_across_the_batch_is_refused_not_carried():
 
 # --- timm ViT: exits inside a block ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layers", [["blocks.1.attn", "blocks.2.mlp"], ["blocks.1.norm1", "blocks.2.attn"]])
+@pytest.mark.parametrize("layers", [["blocks.3.attn", "blocks.3.mlp"], ["blocks.1.norm1", "blocks.2.attn"]])
 def test_timm_vit_exits_inside_a_block(layers):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+        img_size=32, patch_size=8, embed_dim=32, depth=6, num_heads=2, num_classes=5).eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     module = bx.attach_exits(model, bx.ExitSpec(exits=[bx.ExitPoint(layer=layer) for layer in layers]), x[:1])
     with torch.no_grad():
