@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._propagate import fake_mode
+from ._quantized import QUANTIZED_LINEAR_OPS, float_twin
 from ._record import record
 from ._trace import eval_mode
 from .errors import BranchifyError
@@ -89,7 +90,7 @@ _CHANNELS_FIRST_OPS = {
 }
 # addmm and mm: the linear layers of GPT-2 (transformers' Conv1D: x.view(-1, C) @ W + b)
 _CHANNELS_LAST_OPS = {"linear", "matmul", "bilinear", "layer_norm", "native_layer_norm", "addmm", "mm", "bmm",
-                      "baddbmm"}
+                      "baddbmm", *QUANTIZED_LINEAR_OPS}
 _CAT_OPS = {"cat", "concat", "concatenate"}
 
 
@@ -116,6 +117,7 @@ def _leaf_channel_dim(module: nn.Module, node: torch.fx.Node, shapes: dict, cdim
     args = list(node.args)
     if node.kwargs or not args or not all(isinstance(a, torch.fx.Node) and a.name in shapes for a in args):
         return None
+    module = float_twin(module)  # a quantized Linear is recorded as its float twin (fake tensors cannot run it)
     try:
         with eval_mode(module), fake_mode(), torch.no_grad():
             inputs = {f"in{i}": torch.empty(shapes[a.name]) for i, a in enumerate(args)}

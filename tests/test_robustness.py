@@ -233,6 +233,45 @@ def test_a_dynamic_quantized_model_is_counted_as_its_float_twin_and_runs(capture
             assert torch.allclose(result.logits[i], (exit_logits if entropy < threshold else final)[0], atol=0.02)
 
 
+class _Tokens(nn.Module):
+    """Linear layers over a token sequence (B, L, C): where the channels are is read from the layers' ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["auto", "hooks"])
+def test_a_dynamic_quantized_layer_over_tokens_has_its_layout_inferred_as_its_float_twin_s(capture):
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    with pytest.warns(Warning):
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(1, 5, 8)
+    module = bx.attach_exits(quantized, bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=0.5)]), x,
+                             capture=capture).eval()
+    assert module.exit_points[0].layout is bx.Layout.NLC  # the float model's: channels last
+    assert module.exit_heads[0][-1].in_features == 16
+    costs = bx.exit_costs(module, x)
+    assert costs.original == pytest.approx(_macs(lambda: model(x)))
+    assert costs.backbone[0] == pytest.approx(_macs(lambda: model.a(x)))
+    batch = torch.randn(6, 5, 8)
+    with torch.no_grad():
+        outputs = module(batch)
+        assert torch.equal(outputs[-1], quantized(batch))
+    z = outputs[0]
+    entropy = (-(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)).sort().values
+    module.exit_spec = module.exit_spec.with_exits(threshold=[float(entropy[2] + entropy[3]) / 2])
+    result = bx.ExitRunner(module)(batch)
+    assert result.exit_index.tolist().count(0) == 3  # the first stage runs the whole batch: exactly as the module
+    # at int8 precision (dynamic quantization scales by the batch's range, and the runner's sub-batches differ)
+    torch.testing.assert_close(result.logits, torch.stack(list(outputs))[result.exit_index, torch.arange(6)],
+                               atol=0.02, rtol=0)
+
+
 # --- exit modules on one model share its modes (issue 21, item 6) ---------------------------------------
 
 
