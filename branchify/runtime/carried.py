@@ -33,6 +33,15 @@ def check_carried(stages: list[nn.Module], example: tuple) -> None:
                 if value.ndim > 0 and value.shape[0] == 2 and other.shape[0] == 3:
                     continue
                 shape = tuple(value.shape)
+                batch_dims = [d for d in range(1, value.ndim) if value.shape[d] == 2 and other.shape[d] == 3]
+                if value.ndim == other.ndim and len(batch_dims) == 1:
+                    raise BranchifyError(
+                        f"value {node.name!r} crosses the cut after exit {i} with the batch at dim {batch_dims[0]} "
+                        f"(shape {shape} for 2 samples: a sequence-first activation, as "
+                        "nn.TransformerEncoderLayer(batch_first=False) makes); the runner drops the samples that "
+                        "leave along dim 0 only. Build the model batch-first (batch_first=True takes the same "
+                        "weights), or attach with capture='hooks' (that runner compacts nothing: it stops the "
+                        "forward once every sample has left)")
             elif isinstance(value, (type(None), bool, int, float, str)) and value == other:
                 continue
             else:
