@@ -169,3 +169,13 @@ def test_the_old_license_table_would_be_caught(tmp_path, monkeypatch):
     assert 'license = { text = "Apache-2.0" }' in old
     _, caught = build_metadata(tmp_path, old, monkeypatch)
     assert any("`project.license` as a TOML table is deprecated" in str(w.message) for w in caught)
+
+
+def test_every_test_the_models_page_cites_exists():
+    """The models page backs each cell of its table with named tests: each must be a test of that file."""
+    page = (DOCS / "guide" / "models.md").read_text()
+    cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", page)
+    assert len(cited) >= 20, "the table's tests are named as `tests/file.py::test_name`"
+    missing = [f"{path}::{name}" for path, name in cited
+               if not re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.MULTILINE)]
+    assert not missing, f"the models page cites tests that do not exist: {missing}"

@@ -233,6 +233,19 @@ def test_a_dynamic_quantized_model_is_counted_as_its_float_twin_and_runs(capture
             assert torch.allclose(result.logits[i], (exit_logits if entropy < threshold else final)[0], atol=0.02)
 
 
+def test_a_dynamic_quantized_runner_is_refused_saving_and_onnx_naming_the_stage_and_keeping_the_cause(tmp_path):
+    _, quantized = _quantized_pair()
+    x = torch.randn(1, 16)
+    runner = bx.ExitRunner(bx.attach_exits(quantized, bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=1.0)]),
+                                           x).eval())
+    # torch.export cannot take the packed weights (a TorchScript class): refused, not a raw traceback
+    with pytest.raises(bx.BranchifyError, match=r"could not save stage 0.*bx\.save") as saved:
+        runner.save(tmp_path / "runner", example_inputs=x)
+    with pytest.raises(bx.BranchifyError, match=r"could not capture stage 0") as exported:
+        runner.export_onnx(tmp_path / "runner.onnx", example_inputs=x)
+    assert saved.value.__cause__ is not None and exported.value.__cause__ is not None
+
+
 class _Tokens(nn.Module):
     """Linear layers over a token sequence (B, L, C): where the channels are is read from the layers' ops."""
 

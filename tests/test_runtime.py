@@ -405,6 +405,18 @@ def test_save_and_load_run_without_the_model_source(tmp_path):
         bx.ExitRunner.load(tmp_path)(torch.randn(5, 3, 24, 24))  # exported programs fix the non-batch dims
 
 
+@pytest.mark.slow  # torch.export of each stage: 10-60 s a model on two shared cores
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_in_block", "convnext", "vit", "swin"])
+def test_a_saved_torchvision_runner_routes_each_image_as_alone(name, tmp_path):
+    module = built(name)
+    x = batch(name, 8)
+    want_index, want_logits = by_hand(module, module.exit_spec, x)
+    assert len(set(want_index.tolist())) > 1, "a mix of exits, or the check is vacuous"
+    loaded = bx.ExitRunner.load(bx.ExitRunner(module).save(tmp_path / name, example_inputs=x[:1]))(x)
+    assert torch.equal(loaded.exit_index, want_index)
+    torch.testing.assert_close(loaded.logits, want_logits, rtol=1e-4, atol=1e-5)
+
+
 def test_load_refuses_a_directory_without_a_routing_table(tmp_path):
     with pytest.raises(bx.BranchifyError, match="runner.save"):
         bx.ExitRunner.load(tmp_path)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from by_hand import by_hand, check_runner
 from exits import check_exits
+
+import branchify as bx
 
 timm = pytest.importorskip("timm")
 
@@ -150,3 +153,29 @@ def test_timm_model_gets_exits(name):
     channels = widths_of(name, model, layers)
     batch = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
     check_exits(model, layers, lambda n: batch[:n].clone(), channels=channels)
+
+
+# The families the models page lists (ViT, Swin, ConvNeXt): the runner saved and loaded, and its ONNX file, each
+# against by_hand (every image run alone, the rule applied by hand). torch.export of each stage: slow tier.
+KEEP = ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "convnext_atto"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", KEEP)
+def test_the_runner_saves_loads_and_exports_to_onnx(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, size, layers = CASES[name]
+    module = bx.attach_exits(build(name).eval(), layers, torch.randn(1, 3, size, size)).eval()
+    batch = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+    runner = check_runner(module, [batch])
+    want_index, want_logits = by_hand(module, module.exit_spec, batch)
+    loaded = bx.ExitRunner.load(runner.save(tmp_path / name, example_inputs=batch[:1]))(batch)
+    assert torch.equal(loaded.exit_index, want_index)
+    torch.testing.assert_close(loaded.logits, want_logits, rtol=1e-4, atol=1e-5)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(runner.export_onnx(tmp_path / f"{name}.onnx", batch[:1])), options,
+                                   providers=["CPUExecutionProvider"])
+    logits, exit_index = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+    assert torch.equal(torch.from_numpy(exit_index), want_index)
+    torch.testing.assert_close(torch.from_numpy(logits), want_logits, rtol=1e-4, atol=1e-4)
