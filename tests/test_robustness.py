@@ -233,6 +233,7 @@ def test_a_dynamic_quantized_model_is_counted_as_its_float_twin_and_runs(capture
             assert torch.allclose(result.logits[i], (exit_logits if entropy < threshold else final)[0], atol=0.02)
 
 
+@pytest.mark.slow  # two failing torch.export attempts: 5-15 s
 def test_a_dynamic_quantized_runner_is_refused_saving_and_onnx_naming_the_stage_and_keeping_the_cause(tmp_path):
     _, quantized = _quantized_pair()
     x = torch.randn(1, 16)
