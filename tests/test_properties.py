@@ -7,7 +7,7 @@ then a spec over that model's exit points. Hypothesis runs derandomized, so ever
 sees the same examples; each example seeds torch itself, so a shrunk failure replays exactly.
 
 Each property runs as many examples as the tier's Hypothesis profile says (tests/conftest.py: a few dozen in
-the fast tier, a thousand in the full one).
+the fast tier, 300 in the full one).
 """
 
 from __future__ import annotations
