@@ -18,13 +18,14 @@ __all__ = ["route_stages"]
 
 
 def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inputs: Sequence[int],
-                 rules: Sequence[ExitRule | None], inputs: tuple, first: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 rules: Sequence[ExitRule | None], inputs: tuple, first: torch.Tensor,
+                 checked: set[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(B, C)`` and exit index ``(B,)`` of the batch ``inputs`` (``first``: its batch tensor).
 
-    An exit that is off (rule None) is passed by: no head, no synchronisation."""
+    An exit that is off (rule None) is passed by: no head, no synchronisation. ``checked``: the thresholds
+    of ``rules`` already checked (``Judge``), kept by the caller across batches."""
     k = len(rules)
-    judge = Judge(rules)
+    judge = Judge(rules, checked=checked)
     batch = first.shape[0]
     exit_index = torch.full((batch,), k, dtype=torch.int64, device=first.device)
     logits = None  # allocated when some samples leave and others go on
@@ -36,7 +37,7 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
             continue
         z = heads[i](*values[:head_inputs[i]])
         fired = judge.fires(i, z)
-        leaving = int(fired.sum())  # the one host sync of this exit
+        leaving = int(torch.count_nonzero(fired))  # the one host sync of this exit
         if leaving == 0:
             continue
         if leaving == fired.shape[0]:
