@@ -221,13 +221,14 @@ def ideal(runner: bx.ExitRunner, x: torch.Tensor | tuple[torch.Tensor, ...],
     ``x``: stage 0's input, or its positional inputs (``benchmarks/bert.py`` uses this one too)."""
     k = len(runner.heads)
     head_inputs = runner.core.head_inputs
+    stages, heads = runner._run_stages, runner._run_heads  # what the runner runs: compiled after runner.compile()
     work = []
     with torch.inference_mode():
         values, taken = (x,) if isinstance(x, torch.Tensor) else tuple(x), exit_index
-        for i, stage in enumerate(runner.stages):
+        for i, stage in enumerate(stages):
             if len(taken) == 0:
                 break
-            head = (runner.heads[i], head_inputs[i]) if i < k and runner.core.rules()[i] is not None else None
+            head = (heads[i], head_inputs[i]) if i < k and runner.core.rules()[i] is not None else None
             work.append((stage, values, head))
             values = stage(*values)
             keep = taken > i
@@ -272,22 +273,31 @@ def whole_batch(runner: bx.ExitRunner, module: bx.ExitModule) -> Callable[[objec
 
 
 def timed(units: list[dict[str, Callable[[], object]]], repeats: int,
-          device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and best over repeats of each variant's total seconds over ``units`` (one per sample at batch 1).
+          device: torch.device) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
+    """Median and best over repeats of each variant's total seconds over ``units`` (one per sample at batch 1), and
+    each repeat's totals.
 
     The variants run back to back on each unit, in an order that rotates every repeat, so that the
     load of a shared machine, which drifts, falls on all of them alike (``bx.benchmark``'s timing loop).
     """
     totals = interleaved(units, repeats, device)
     return ({name: statistics.median(t) for name, t in totals.items()},
-            {name: min(t) for name, t in totals.items()})
+            {name: min(t) for name, t in totals.items()}, totals)
 
 
-def report(label: str, times: tuple[dict[str, float], dict[str, float]], mac_ideal: float) -> None:
-    for kind, t in zip(("median", "best"), times):
+def report(label: str, times: tuple, mac_ideal: float) -> None:
+    """The median and best rows, then the paired row: the median over repeats of each repeat's ratios (the
+    variants of a repeat ran back to back, under about the same load)."""
+    for kind, t in zip(("median", "best"), times[:2]):
         a, b, c, d = t["a"], t["b"], t["c"], t["d"]
         print(f"{label:<10} {kind:<6} {a * 1e3:9.1f} {b * 1e3:9.1f} {c * 1e3:9.1f} {d * 1e3:9.1f}   "
               f"{a / b:6.2f}x {c / b:6.3f} {mac_ideal:6.2f}x {d / b:6.2f}x {100 * (b - c) / b:8.1f}%", flush=True)
+    a, b, c, d = (times[2][name] for name in "abcd")
+    paired = [statistics.median(f(*r) for r in zip(a, b, c, d)) for f in
+              (lambda a, b, c, d: a / b, lambda a, b, c, d: c / b, lambda a, b, c, d: d / b,
+               lambda a, b, c, d: (b - c) / b)]
+    print(f"{label:<10} {'paired':<6} {'':>39}   {paired[0]:6.2f}x {paired[1]:6.3f} {mac_ideal:6.2f}x "
+          f"{paired[2]:6.2f}x {100 * paired[3]:8.1f}%", flush=True)
 
 
 # --- where the runner's time goes --------------------------------------------------------------------------
@@ -385,7 +395,7 @@ def off_versus_absent(model: torch.nn.Module, x: torch.Tensor, singles: list[tor
     with torch.inference_mode():
         same = all(int(runners["off"](s).exit_index) - 1 == int(runners["absent"](s).exit_index) for s in singles)
     units = [{name: functools.partial(r, s) for name, r in runners.items()} for s in singles]
-    median, best = timed(units, repeats, device)
+    median, best, _ = timed(units, repeats, device)
     print(f"\nexit after layer1 off vs absent (exit after layer3 at the median entropy), batch 1 x{len(singles)}: "
           f"same decisions {same}")
     for kind, t in (("median", median), ("best", best)):
