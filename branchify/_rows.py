@@ -30,7 +30,7 @@ def by_rows(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Te
     True
     """
     first = tensors[0]
-    if first.device.type != "cpu" or first.dim() < 2 or first.numel() <= BLOCK_ELEMENTS:
+    if first.numel() <= BLOCK_ELEMENTS or not first.is_cpu or first.dim() < 2:
         return fn(*tensors)
     rows = max(1, BLOCK_ELEMENTS // (first.numel() // first.shape[0]))
     return torch.cat([fn(*block) for block in zip(*(t.split(rows) for t in tensors))])

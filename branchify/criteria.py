@@ -72,15 +72,17 @@ class Criterion:
                 f"criterion {self.name!r} reads the labels, but no target was given; pass the "
                 "target, or use a label-free criterion such as 'entropy' or 'confidence'")
 
+        if temperature == 1.0 and not self.needs_labels:  # the runner's common case, without a closure per call
+            return by_rows(self.score_fn, logits)
+
         def scores(z: torch.Tensor, *label: torch.Tensor) -> torch.Tensor:
             return self.score_fn(z if temperature == 1.0 else z / temperature, *label)
 
         return by_rows(scores, logits, target) if self.needs_labels else by_rows(scores, logits)
 
     def fires(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-        """Boolean mask of samples that leave; NaN scores never leave."""
-        fired = scores < threshold if self.exits_when == "below" else scores >= threshold
-        return fired & ~torch.isnan(scores)
+        """Boolean mask of samples that leave; NaN scores never leave (every comparison with NaN is false)."""
+        return scores < threshold if self.exits_when == "below" else scores >= threshold
 
     def check_threshold(self, threshold: float, where: str = "", classes: int | None = None) -> None:
         """Refuse a threshold this criterion cannot use: patience counts exits (a positive integer); any other
@@ -124,8 +126,13 @@ class Criterion:
             "choose it")
 
 
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.float()``, without a dispatch when they already are float32 (the same tensor either way)."""
+    return logits if logits.dtype is torch.float32 else logits.float()
+
+
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(_float(logits), dim=-1)
     probs = logp.exp()
     # in place unless autograd needs exp's output: one temporary fewer keeps a block of rows in the cache
     terms = probs * logp if probs.requires_grad else probs.mul_(logp)
@@ -133,11 +140,11 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _confidence(logits: torch.Tensor) -> torch.Tensor:
-    return F.softmax(logits.float(), dim=-1).amax(dim=-1)
+    return F.softmax(_float(logits), dim=-1).amax(dim=-1)
 
 
 def _margin(logits: torch.Tensor) -> torch.Tensor:
-    probs = F.softmax(logits.float(), dim=-1)
+    probs = F.softmax(_float(logits), dim=-1)
     if probs.shape[-1] < 2:
         return probs[..., 0]
     top2 = probs.topk(2, dim=-1).values

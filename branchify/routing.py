@@ -11,7 +11,7 @@ when none fires).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,10 @@ class ExitRule:
     criterion: Criterion
     threshold: float
     temperature: float
+    # The threshold as a 0-dim tensor per (dtype, device) of float32/float64 scores: comparing with it gives the
+    # same mask as with the float (which the comparison rounds to the scores' dtype, as torch.tensor does), without
+    # wrapping a Python scalar into a tensor on every call (a few microseconds per exit at small batches).
+    _as_tensor: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def fires(self, logits: torch.Tensor, target: torch.Tensor | None = None,
               streak: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,7 +41,19 @@ class ExitRule:
             if streak is None:
                 raise BranchifyError(f"criterion {self.criterion.name!r} needs the exits before; route with Judge")
             return streak >= self.threshold
-        return self.criterion.fires(self.criterion.score(logits, target, self.temperature), self.threshold)
+        scores = self.criterion.score(logits, target, self.temperature)
+        return self.criterion.fires(scores, self._threshold_like(scores))
+
+    def _threshold_like(self, scores: torch.Tensor) -> torch.Tensor | float:
+        dtype = scores.dtype
+        if dtype is not torch.float32 and dtype is not torch.float64:
+            return self.threshold
+        key = (dtype, scores.device)
+        threshold = self._as_tensor.get(key)
+        if threshold is None:
+            with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+                threshold = self._as_tensor[key] = torch.tensor(self.threshold, dtype=dtype, device=scores.device)
+        return threshold
 
 
 def exit_rules(spec, *, deployed: bool = False, classes: int | None = None) -> list[ExitRule | None]:
@@ -85,16 +101,20 @@ class Judge:
     """Judges a batch exit by exit, in order; the per-sample memory across exits travels with it.
 
     ``judge.fires(i, logits)`` says which samples exit ``i`` lets out (exit ``i`` must be on); after
-    some samples leave, ``judge.keep(index)`` keeps the memory of those that go on.
+    some samples leave, ``judge.keep(index)`` keeps the memory of those that go on. Each exit's threshold is
+    checked against the number of classes the first time it is judged; ``checked`` (the ``(exit, classes)``
+    pairs already checked) lets a caller that judges many batches under the same ``rules`` (the runner) check
+    them once, not once per batch: it must belong to those rules.
     """
 
-    def __init__(self, rules: Sequence[ExitRule | None], target: torch.Tensor | None = None) -> None:
+    def __init__(self, rules: Sequence[ExitRule | None], target: torch.Tensor | None = None, *,
+                 checked: set[tuple[int, int]] | None = None) -> None:
         self.rules = list(rules)
         self.target = target
         self._remembers = any(r is not None and r.criterion.across_exits for r in self.rules)
         self._prediction: torch.Tensor | None = None
         self._streak: torch.Tensor | None = None
-        self._checked: set[tuple[int, int]] = set()
+        self._checked: set[tuple[int, int]] = set() if checked is None else checked
 
     def fires(self, i: int, logits: torch.Tensor) -> torch.Tensor:
         rule = self.rules[i]

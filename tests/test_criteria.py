@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,22 @@ def test_a_nan_score_never_exits(name):
     assert math.isnan(scores[0].item())
     for threshold in (-math.inf, 0.0, 0.5, math.inf):
         assert not crit.fires(scores, threshold)[0]
+
+
+@pytest.mark.parametrize("name", ["entropy", "confidence"])
+def test_a_rule_lets_out_the_samples_a_float32_comparison_with_its_threshold_does(name):
+    # ExitRule compares with its threshold held as a 0-dim tensor (issue 25); the mask must be numpy's float32
+    # comparison with the float, at thresholds on scores and halfway between neighbouring float32 values.
+    crit = get_criterion(name)
+    logits = torch.randn(64, 10) * 3
+    scores = crit.score(logits)
+    above = torch.nextafter(scores, torch.tensor(math.inf))
+    thresholds = scores[:8].double().tolist() + ((scores[:8].double() + above[:8].double()) / 2).tolist()
+    for threshold in thresholds:
+        rule = exit_rules(bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=threshold, criterion=name)]))[0]
+        s32, t32 = scores.numpy().astype(np.float32), np.float32(threshold)
+        expected = s32 < t32 if crit.exits_when == "below" else s32 >= t32
+        assert rule.fires(logits).tolist() == expected.tolist()
 
 
 def test_temperature_divides_the_logits_before_scoring():

@@ -176,6 +176,39 @@ def test_an_integer_image_is_refused_with_its_dtype_and_the_fix(capture):
         runner((x * 50).clamp(0, 255).to(torch.uint8))
 
 
+def test_inputs_that_passed_the_checks_do_not_let_others_through():
+    # The runner skips the checks for inputs alike to inputs already accepted (issue 25): each kind of wrong
+    # input must still be refused after good ones ran, and good ones of other batch sizes must still run.
+    x = torch.randn(4, 3, 8, 8)
+    module = bx.attach_exits(tiny(), bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=1.0)]), x[:1]).eval()
+    runner = bx.ExitRunner(module)
+    runner(x)
+    assert runner(x[:1]).logits.shape == (1, 5)
+    with pytest.raises(bx.BranchifyError, match="lacks the batch dimension"):
+        runner(x[0])
+    with pytest.raises(bx.BranchifyError, match="float64"):
+        runner(x.double())
+    with pytest.raises(bx.BranchifyError, match="the model takes 1"):
+        runner(x, x)
+    assert torch.equal(runner(x).exit_index, bx.ExitRunner(module)(x).exit_index)
+
+
+def test_a_new_spec_has_its_thresholds_checked_against_the_classes_again():
+    # The runner keeps the thresholds Judge has checked with its rules (issue 25); a new spec's must be checked anew
+    # (the module refuses it when it is set, or the runner when it routes with it).
+    name = "scaled_confidence_runtime_core_test"
+    bx.register_criterion(name, lambda z: z.softmax(-1).amax(-1) * z.shape[-1], exits_when="above", low=0.0,
+                          high_of_classes=float, replace=True)
+    x = torch.randn(4, 3, 8, 8)
+    module = bx.attach_exits(tiny(), bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=4.0)], criterion=name),
+                             x[:1]).eval()
+    runner = bx.ExitRunner(module)
+    runner(x)
+    with pytest.raises(bx.BranchifyError, match="never fires"):
+        module.exit_spec = module.exit_spec.with_exits(threshold=[6.0])  # above 5 classes' top score
+        runner(x)
+
+
 def test_a_shape_the_model_rejects_keeps_the_cause():
     x = torch.randn(2, 3, 8, 8)
     runner = bx.ExitRunner(bx.attach_exits(tiny(), bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=1.0)]),

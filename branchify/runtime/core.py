@@ -112,6 +112,15 @@ def carried_specs(stage, values: tuple) -> tuple:
     return specs if len(specs) == len(values) else None
 
 
+def _signature(values: tuple) -> tuple:
+    """What ``RunnerCore.check`` reads of a call's inputs: per input, its type, or for a tensor its dtype, device,
+    number of dims and whether its batch dim equals the first tensor's."""
+    first = next((a for a in values if isinstance(a, torch.Tensor)), None)
+    batch = first.shape[0] if first is not None and first.ndim > 0 else None
+    return tuple((a.dtype, a.device, a.ndim, a.ndim > 0 and a.shape[0] == batch) if isinstance(a, torch.Tensor)
+                 else type(a) for a in values)
+
+
 class RunnerCore:
     """What a runner routes with (one subclass per mode); ``ExitRunner.core`` is one.
 
@@ -136,7 +145,9 @@ class RunnerCore:
                  num_classes: int, dtype: torch.dtype | None, device: torch.device | None,
                  inputs: tuple[InputSpec, ...] | None) -> None:
         self.spec = spec
-        self._rules = exit_rules(spec, deployed=True)
+        # The rules of the spec in force and the (exit, classes) pairs whose thresholds ``Judge`` has checked under
+        # them, swapped together so that a thread never pairs one spec's rules with another's checks.
+        self._routing: tuple[list[ExitRule | None], set[tuple[int, int]]] = (exit_rules(spec, deployed=True), set())
         self.stages = stages
         self.heads = heads
         self.head_inputs = list(head_inputs)
@@ -148,19 +159,23 @@ class RunnerCore:
         # (shape without the batch dim, dtype) of each tensor of the first input seen: the default example
         self.first_inputs: tuple | None = None
         self._lock = threading.Lock()
+        self._accepted: set[tuple] = set()  # what ``check`` has let through, as ``_signature`` words it
 
     # --- the spec in force -------------------------------------------------------------------------------
 
     def rules(self) -> list[ExitRule | None]:
         """The rule of each exit (None: off) of the spec in force; a module's new spec takes effect here."""
+        return self._rules_in_force()[0]
+
+    def _rules_in_force(self) -> tuple[list[ExitRule | None], set[tuple[int, int]]]:
         module = self.module
         if module is not None and module.exit_spec is not self.spec:
             with self._lock:
                 if module.exit_spec is not self.spec:
-                    self._rules = exit_rules(module.exit_spec, deployed=True)
+                    self._routing = (exit_rules(module.exit_spec, deployed=True), set())
                     self.spec = module.exit_spec
                     self.macs.forget()  # the new spec may switch exits off, and an exit that is off is not charged
-        return self._rules
+        return self._routing
 
     # --- inputs --------------------------------------------------------------------------------------------
 
@@ -177,7 +192,18 @@ class RunnerCore:
         raise NotImplementedError
 
     def check(self, values: tuple) -> None:
-        """Refuse inputs the runner cannot take, before anything runs."""
+        """Refuse inputs the runner cannot take, before anything runs.
+
+        The checks read, of each input, only whether it is a tensor and its dtype, device, number of dims and
+        whether its batch dim is the first tensor's: inputs alike in those (``_signature``) as inputs already
+        let through pass without checking again (this runs on every call of the runner)."""
+        signature = _signature(values)
+        if signature in self._accepted:
+            return
+        self._check(values)
+        self._accepted.add(signature)
+
+    def _check(self, values: tuple) -> None:
         names = None if self.inputs is None else (lambda: [i.name for i in self.inputs])
         check_inputs(values, count=None if self.inputs is None else len(self.inputs), names=names,
                      dtype=self.dtype, device=self.device, since=self.macs.since, specs=self.inputs)
@@ -233,7 +259,11 @@ class RunnerCore:
               x: torch.Tensor, rules: Sequence[ExitRule | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and exit index of the batch ``values``, run with ``stages`` and ``heads`` (compiled or not),
         under ``rules`` (default: the spec in force; ``bx.OnlineCalibrator`` routes with its own)."""
-        return route_stages(stages, heads, self.head_inputs, self.rules() if rules is None else rules, values, x)
+        if rules is None:
+            rules, checked = self._rules_in_force()
+        else:
+            checked = None  # rules of the caller's own (bx.OnlineCalibrator): their thresholds are checked each call
+        return route_stages(stages, heads, self.head_inputs, rules, values, x, checked)
 
     def original(self, stages: Sequence, values: tuple, names: tuple[str, ...] | None):
         """The model's computation as the runner holds it, on the whole batch, without heads or routing."""
@@ -253,8 +283,11 @@ class StagedCore(RunnerCore):
                          inputs=placeholder_specs(cut.modules[0].graph, getattr(module, "example_record", None)))
         self.module = module
         self._carried_checked: set = set()
+        self._arity = sum(1 for n in self.stages[0].graph.nodes if n.op == "placeholder")
 
     def _bind(self, inputs: Inputs):
+        if not inputs.kwargs and len(inputs.args) == self._arity:
+            return tuple(inputs.args), None  # every input given in order: what bind returns, without a graph walk
         return bind(self.stages[0].graph, inputs, "ExitRunner"), None
 
     def _count(self, values, example, names):
@@ -286,7 +319,7 @@ class HookedCore(RunnerCore):
             return tuple(inputs.kwargs.values()), tuple(inputs.kwargs)
         return inputs.args, None
 
-    def check(self, values: tuple) -> None:
+    def _check(self, values: tuple) -> None:
         specs = None
         if self.ranks is not None and len(self.ranks) == len(values):
             specs = tuple(InputSpec(f"input {i}" if len(values) > 1 else "the input", d, r)

@@ -125,7 +125,7 @@ class ExitRunner:
             # Shapes and dtypes were checked on fake tensors (costs) before anything ran: what fails now
             # (out of memory, the model's own checks of values) is not a shape mistake, and passes unchanged.
             logits, exit_index = core.route(self._run_stages, self._run_heads, inputs, names, x)
-            return ExitResult(logits, exit_index, costs[exit_index])
+            return ExitResult(logits, exit_index, costs.index_select(0, exit_index))
 
     def original(self, *args, **kwargs):
         """The model's computation as the runner holds it, on the whole batch: every stage in turn, without

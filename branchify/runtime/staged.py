@@ -18,16 +18,21 @@ __all__ = ["route_stages"]
 
 
 def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inputs: Sequence[int],
-                 rules: Sequence[ExitRule | None], inputs: tuple, first: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 rules: Sequence[ExitRule | None], inputs: tuple, first: torch.Tensor,
+                 checked: set[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(B, C)`` and exit index ``(B,)`` of the batch ``inputs`` (``first``: its batch tensor).
 
-    An exit that is off (rule None) is passed by: no head, no synchronisation."""
+    An exit that is off (rule None) is passed by: no head, no synchronisation. ``checked``: the thresholds
+    of ``rules`` already checked (``Judge``), kept by the caller across batches."""
     k = len(rules)
-    judge = Judge(rules)
+    judge = Judge(rules, checked=checked)
     batch = first.shape[0]
-    exit_index = torch.full((batch,), k, dtype=torch.int64, device=first.device)
-    logits = None  # allocated when some samples leave and others go on
+
+    def taking(i: int) -> torch.Tensor:
+        return torch.full((batch,), i, dtype=torch.int64, device=first.device)
+
+    exit_index = None  # made with logits, when some samples leave and others go on
+    logits = None
     where = None  # original positions of the samples still running; None while that is the whole batch
     values = inputs
     for i in range(k):
@@ -36,19 +41,20 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
             continue
         z = heads[i](*values[:head_inputs[i]])
         fired = judge.fires(i, z)
-        leaving = int(fired.sum())  # the one host sync of this exit
+        # The one host sync of this exit; one sample's decision is read directly (one operation fewer).
+        leaving = int(fired.item()) if fired.shape[0] == 1 else int(torch.count_nonzero(fired))
         if leaving == 0:
             continue
         if leaving == fired.shape[0]:
             if where is None:
-                return z, exit_index.fill_(i)
+                return z, taking(i)
             logits.index_copy_(0, where, z)
             return logits, exit_index.index_fill_(0, where, i)
         # Leavers first, each group in batch order; argsort avoids a second sync (nonzero would sync).
         order = torch.argsort(fired, descending=True, stable=True)
         leave, keep = order[:leaving], order[leaving:]
         if where is None:
-            logits = z.new_empty((batch, z.shape[1]))
+            logits, exit_index = z.new_empty((batch, z.shape[1])), taking(k)
             dest, where = leave, keep
         else:
             dest, where = where[leave], where[keep]
@@ -59,6 +65,6 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
         judge.keep(keep)
     final = stages[k](*values)[0]
     if where is None:
-        return final, exit_index
+        return final, taking(k)
     logits.index_copy_(0, where, final)
     return logits, exit_index
