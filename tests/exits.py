@@ -51,8 +51,16 @@ def with_mix(module: nn.Module, x, criterion: str = "entropy") -> bx.ExitSpec:
             ranked = ranked.flip(0)
         n = len(ranked)
         want = max(1, n // (k + 1 - i))
-        j = max(range(max(1, want - 2), min(n - 1, want + 2) + 1), key=lambda j: abs(ranked[j] - ranked[j - 1]))
-        thresholds.append(float(ranked[j - 1] + ranked[j]) / 2)
+        margin = 1e-5 * max(1.0, float(ranked.abs().max())) if n else 0.0  # far beyond float32 rounding
+        gap = lambda j: abs(float(ranked[j] - ranked[j - 1]))  # noqa: E731
+        near = [j for j in range(max(1, want - 2), min(n - 1, want + 2) + 1) if gap(j) > margin]
+        wide = [j for j in range(1, n) if gap(j) > margin]
+        if near or wide:  # the widest gap near the quantile, else anywhere
+            j = max(near or wide, key=gap)
+            thresholds.append(float(ranked[j - 1] + ranked[j]) / 2)
+        else:  # scores alike up to rounding (random-weight efficientnet): no sample leaves here, by a margin
+            edge = float(ranked[0]) if n else 0.0  # the score nearest to firing (ranked from firing first)
+            thresholds.append(edge + margin if crit.exits_when == "above" else edge - margin)
         running &= ~crit.fires(scores, thresholds[-1])
     spec = module.exit_spec.with_exits(threshold=thresholds, criterion=[criterion] * k)
     module.exit_spec = spec
