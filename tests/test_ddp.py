@@ -291,7 +291,8 @@ def assert_same(got, want) -> None:
         assert got == want
 
 
-@pytest.mark.parametrize("kind", ["stats", pytest.param("stats_empty", marks=pytest.mark.slow)])
+@pytest.mark.slow  # spawns two processes; the DDP training test stays fast
+@pytest.mark.parametrize("kind", ["stats", "stats_empty"])
 def test_statistics_all_reduced_over_ranks_equal_one_process_over_all_the_data(tmp_path, kind):
     run_workers(tmp_path, kind)
     for mode in ("routed", "forced"):

@@ -445,6 +445,7 @@ def test_refuses_an_opset_too_old_or_not_an_int(small, tmp_path, opset):
         runner.export_onnx(tmp_path / "m.onnx", x[:1], opset=opset)
 
 
+@pytest.mark.slow  # a second export; the opset refusals above stay fast
 def test_an_explicit_opset_is_the_files(small, tmp_path):
     _, runner, x = small
     model = onnx.load(str(runner.export_onnx(tmp_path / "m.onnx", x[:1], opset=18)))

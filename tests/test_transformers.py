@@ -172,6 +172,7 @@ def test_the_final_output_is_the_model_s_logits_bit_for_bit_in_train_mode_too():
     assert torch.equal(train_final, model(**inputs(8)).logits), "dropout follows the train graph"
 
 
+@pytest.mark.slow  # trains heads per candidate on BERT; tests/test_sweep covers the sweep fast
 def test_a_sweep_takes_dict_batches_with_labels_and_lists_module_paths():
     model = build("bert")
     batch = token_batch(100)(8)
