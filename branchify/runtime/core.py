@@ -116,10 +116,18 @@ def _signature(values: tuple, shapes: bool = False) -> tuple:
     """What ``RunnerCore.check`` reads of a call's inputs: per input, its type, or for a tensor its dtype, device,
     number of dims and whether its batch dim equals the first tensor's; with ``shapes``, also each tensor's shape
     without the batch dim (what ``RunnerCore.costs`` looks its MACs up by)."""
-    first = next((a for a in values if isinstance(a, torch.Tensor)), None)
-    batch = first.shape[0] if first is not None and first.ndim > 0 else None
-    return tuple((a.dtype, a.device, a.ndim, a.ndim > 0 and a.shape[0] == batch, a.shape[1:] if shapes else None)
-                 if isinstance(a, torch.Tensor) else type(a) for a in values)
+    unset = batch = object()  # a plain loop: this runs on every call, and a generator costs twice its time
+    signature = []
+    for a in values:
+        if isinstance(a, torch.Tensor):
+            shape = a.shape
+            if batch is unset:
+                batch = shape[0] if shape else None
+            signature.append((a.dtype, a.device, len(shape), bool(shape) and shape[0] == batch,
+                              shape[1:] if shapes else None))
+        else:
+            signature.append(type(a))
+    return tuple(signature)
 
 
 class RunnerCore:
