@@ -137,7 +137,8 @@ class RunnerCore:
     ``spec``, ``rules()`` (the spec in force, followed), ``stages``, ``heads``, ``head_inputs`` (how many of
     stage ``i``'s first outputs head ``i`` takes: its input, then e.g. the attention mask), ``num_classes``,
     ``dtype``/``device`` (of the parameters), ``inputs`` (``InputSpec`` per model input, when known),
-    ``macs`` (the MAC table), ``bind``, ``check``, ``costs``, ``route`` and ``example`` (the default example).
+    ``macs`` (the MAC table), ``bind``, ``check``, ``costs`` (the two at once: ``prepare``), ``route`` and
+    ``example`` (the default example).
 
     >>> import torch, branchify as bx
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
