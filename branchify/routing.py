@@ -10,6 +10,8 @@ when none fires).
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,9 +30,11 @@ class ExitRule:
     criterion: Criterion
     threshold: float
     temperature: float
-    # The threshold as a 0-dim tensor per (dtype, device) of float32/float64 scores: comparing with it gives the
-    # same mask as with the float (which the comparison rounds to the scores' dtype, as torch.tensor does), without
-    # wrapping a Python scalar into a tensor on every call (a few microseconds per exit at small batches).
+    # The threshold per (dtype, device) of float32/float64 scores, as a 0-dim tensor and as the Python float of
+    # that tensor's value: comparing with the tensor gives the same mask as with the float (which the comparison
+    # rounds to the scores' dtype, as torch.tensor does), without wrapping a Python scalar into a tensor on every
+    # call (a few microseconds per exit at small batches); comparing one score read back as a Python float with
+    # the rounded float gives the same decision (both values are exact in the scores' dtype).
     _as_tensor: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def fires(self, logits: torch.Tensor, target: torch.Tensor | None = None,
@@ -42,18 +46,41 @@ class ExitRule:
                 raise BranchifyError(f"criterion {self.criterion.name!r} needs the exits before; route with Judge")
             return streak >= self.threshold
         scores = self.criterion.score(logits, target, self.temperature)
-        return self.criterion.fires(scores, self._threshold_like(scores))
+        return self.criterion.fires(scores, self._threshold_like(scores)[0])
 
-    def _threshold_like(self, scores: torch.Tensor) -> torch.Tensor | float:
+    def fires_one(self, logits: torch.Tensor) -> bool:
+        """``fires`` for the logits of one sample, as a bool: its score is read back once and compared in
+        Python (the decision ``fires`` gives, without the tensor comparison; a NaN score never fires)."""
+        scores = self.criterion.score(logits, None, self.temperature)
+        tensor, value = self._threshold_like(scores)
+        if value is None:  # scores of another dtype: compared as tensors, which round the threshold to it
+            return bool(self.criterion.fires(scores, tensor).item())
+        return bool(self.criterion.fires(scores.item(), value))
+
+    def _threshold_like(self, scores: torch.Tensor) -> tuple[torch.Tensor | float, float | None]:
+        """The threshold to compare ``scores`` with, and its value rounded to their dtype (None but for
+        float32 and float64 scores, when the threshold is the float itself)."""
         dtype = scores.dtype
         if dtype is not torch.float32 and dtype is not torch.float64:
-            return self.threshold
+            return self.threshold, None
         key = (dtype, scores.device)
         threshold = self._as_tensor.get(key)
         if threshold is None:
             with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
-                threshold = self._as_tensor[key] = torch.tensor(self.threshold, dtype=dtype, device=scores.device)
+                tensor = torch.tensor(self.threshold, dtype=dtype, device=scores.device)
+            threshold = self._as_tensor[key] = (tensor, _rounded(self.threshold, dtype))
         return threshold
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to float32 or float64 as ``torch.tensor(value, dtype=dtype)`` rounds it (to nearest, ties
+    to even; past float32's range, infinity), without a tensor: reading one back would be a host sync."""
+    if dtype is torch.float64:
+        return value
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def exit_rules(spec, *, deployed: bool = False, classes: int | None = None) -> list[ExitRule | None]:
@@ -117,6 +144,23 @@ class Judge:
         self._checked: set[tuple[int, int]] = set() if checked is None else checked
 
     def fires(self, i: int, logits: torch.Tensor) -> torch.Tensor:
+        rule = self._rule(i, logits)
+        streak = None
+        if self._remembers:
+            prediction = logits.argmax(dim=-1)
+            streak = agreeing_run(prediction, self._prediction, self._streak)
+            self._prediction, self._streak = prediction, streak
+        return rule.fires(logits, self.target, streak)
+
+    def fires_one(self, i: int, logits: torch.Tensor) -> bool:
+        """``fires`` for a batch of one sample, as a bool (the runner's batch-1 path: one read of the score, no
+        mask); ``keep`` is never needed after it, since the sample either leaves or goes on."""
+        if self._remembers or self.target is not None:
+            return bool(self.fires(i, logits).item())
+        return self._rule(i, logits).fires_one(logits)
+
+    def _rule(self, i: int, logits: torch.Tensor) -> ExitRule:
+        """Exit ``i``'s rule, its threshold checked against the number of classes of ``logits``."""
         rule = self.rules[i]
         if rule is None:
             raise BranchifyError(f"exit {i} is off (no threshold); it is never judged")
@@ -124,12 +168,7 @@ class Judge:
         if (i, classes) not in self._checked:  # a range that depends on the classes is known only now
             rule.criterion.check_threshold(rule.threshold, f"exit {i}: ", classes)
             self._checked.add((i, classes))
-        streak = None
-        if self._remembers:
-            prediction = logits.argmax(dim=-1)
-            streak = agreeing_run(prediction, self._prediction, self._streak)
-            self._prediction, self._streak = prediction, streak
-        return rule.fires(logits, self.target, streak)
+        return rule
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the memory of the samples at ``index`` (those that go on)."""

@@ -98,6 +98,17 @@ def test_a_rule_lets_out_the_samples_a_float32_comparison_with_its_threshold_doe
         s32, t32 = scores.numpy().astype(np.float32), np.float32(threshold)
         expected = s32 < t32 if crit.exits_when == "below" else s32 >= t32
         assert rule.fires(logits).tolist() == expected.tolist()
+        # one sample at a time (the runner's batch-1 path): its score read back and compared in Python
+        assert [rule.fires_one(logits[j:j + 1]) for j in range(len(logits))] == expected.tolist()
+
+
+@pytest.mark.parametrize("name", ["entropy", "confidence", "margin"])
+def test_one_sample_is_judged_as_in_a_batch_nan_included(name):
+    logits = torch.tensor([[float("nan"), 0.0, 1.0], [9.0, 0.0, 0.0], [0.3, 0.2, 0.1]])
+    past_float32 = (1e39,) if get_criterion(name).exits_when == "below" else ()  # rounds to inf in float32
+    for threshold in (0.0, 0.05, 0.5, 0.9999, 1.0, *past_float32):
+        rule = exit_rules(bx.ExitSpec(exits=[bx.ExitPoint(layer="a", threshold=threshold, criterion=name)]))[0]
+        assert [rule.fires_one(logits[j:j + 1]) for j in range(3)] == rule.fires(logits).tolist()
 
 
 def test_temperature_divides_the_logits_before_scoring():

@@ -112,13 +112,22 @@ def carried_specs(stage, values: tuple) -> tuple:
     return specs if len(specs) == len(values) else None
 
 
-def _signature(values: tuple) -> tuple:
+def _signature(values: tuple, shapes: bool = False) -> tuple:
     """What ``RunnerCore.check`` reads of a call's inputs: per input, its type, or for a tensor its dtype, device,
-    number of dims and whether its batch dim equals the first tensor's."""
-    first = next((a for a in values if isinstance(a, torch.Tensor)), None)
-    batch = first.shape[0] if first is not None and first.ndim > 0 else None
-    return tuple((a.dtype, a.device, a.ndim, a.ndim > 0 and a.shape[0] == batch) if isinstance(a, torch.Tensor)
-                 else type(a) for a in values)
+    number of dims and whether its batch dim equals the first tensor's; with ``shapes``, also each tensor's shape
+    without the batch dim (what ``RunnerCore.costs`` looks its MACs up by)."""
+    unset = batch = object()  # a plain loop: this runs on every call, and a generator costs twice its time
+    signature = []
+    for a in values:
+        if isinstance(a, torch.Tensor):
+            shape = a.shape
+            if batch is unset:
+                batch = shape[0] if shape else None
+            signature.append((a.dtype, a.device, len(shape), bool(shape) and shape[0] == batch,
+                              shape[1:] if shapes else None))
+        else:
+            signature.append(type(a))
+    return tuple(signature)
 
 
 class RunnerCore:
@@ -128,7 +137,8 @@ class RunnerCore:
     ``spec``, ``rules()`` (the spec in force, followed), ``stages``, ``heads``, ``head_inputs`` (how many of
     stage ``i``'s first outputs head ``i`` takes: its input, then e.g. the attention mask), ``num_classes``,
     ``dtype``/``device`` (of the parameters), ``inputs`` (``InputSpec`` per model input, when known),
-    ``macs`` (the MAC table), ``bind``, ``check``, ``costs``, ``route`` and ``example`` (the default example).
+    ``macs`` (the MAC table), ``bind``, ``check``, ``costs`` (the two at once: ``prepare``), ``route`` and
+    ``example`` (the default example).
 
     >>> import torch, branchify as bx
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -145,9 +155,11 @@ class RunnerCore:
                  num_classes: int, dtype: torch.dtype | None, device: torch.device | None,
                  inputs: tuple[InputSpec, ...] | None) -> None:
         self.spec = spec
-        # The rules of the spec in force and the (exit, classes) pairs whose thresholds ``Judge`` has checked under
-        # them, swapped together so that a thread never pairs one spec's rules with another's checks.
-        self._routing: tuple[list[ExitRule | None], set[tuple[int, int]]] = (exit_rules(spec, deployed=True), set())
+        # The rules of the spec in force, the (exit, classes) pairs whose thresholds ``Judge`` has checked under
+        # them, and the MACs of the input signatures ``prepare`` has let through under them: swapped together, so
+        # that a thread never pairs one spec's rules with another's checks or costs.
+        self._routing: tuple[list[ExitRule | None], set[tuple[int, int]], dict[tuple, torch.Tensor]] = (
+            exit_rules(spec, deployed=True), set(), {})
         self.stages = stages
         self.heads = heads
         self.head_inputs = list(head_inputs)
@@ -160,6 +172,7 @@ class RunnerCore:
         self.first_inputs: tuple | None = None
         self._lock = threading.Lock()
         self._accepted: set[tuple] = set()  # what ``check`` has let through, as ``_signature`` words it
+        self._arity = None if inputs is None else len(inputs)
 
     # --- the spec in force -------------------------------------------------------------------------------
 
@@ -167,12 +180,12 @@ class RunnerCore:
         """The rule of each exit (None: off) of the spec in force; a module's new spec takes effect here."""
         return self._rules_in_force()[0]
 
-    def _rules_in_force(self) -> tuple[list[ExitRule | None], set[tuple[int, int]]]:
+    def _rules_in_force(self) -> tuple[list[ExitRule | None], set[tuple[int, int]], dict[tuple, torch.Tensor]]:
         module = self.module
         if module is not None and module.exit_spec is not self.spec:
             with self._lock:
                 if module.exit_spec is not self.spec:
-                    self._routing = (exit_rules(module.exit_spec, deployed=True), set())
+                    self._routing = (exit_rules(module.exit_spec, deployed=True), set(), {})
                     self.spec = module.exit_spec
                     self.macs.forget()  # the new spec may switch exits off, and an exit that is off is not charged
         return self._routing
@@ -182,6 +195,8 @@ class RunnerCore:
     def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, tuple[str, ...] | None]:
         """A call's arguments as the model's inputs, in order (positional, named, or one dict of named
         tensors; defaults filled in); and the names to call with as keywords (hook path), else None."""
+        if not kwargs and len(args) == self._arity and isinstance(args[0], torch.Tensor):
+            return args, None  # every input given in order: what each mode's binding returns, without building it
         if len(args) == 1 and not kwargs and isinstance(args[0], (tuple, list)):
             args = tuple(args[0])  # example_inputs given as a tuple
         if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
@@ -202,6 +217,17 @@ class RunnerCore:
             return
         self._check(values)
         self._accepted.add(signature)
+
+    def prepare(self, values: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
+        """``check`` then ``costs``, in one lookup for inputs alike in what both read (``_signature`` with the
+        shapes) to inputs already prepared under the spec in force (this runs on every call of the runner)."""
+        ready = self._rules_in_force()[2]
+        key = _signature(values, shapes=True)
+        costs = ready.get(key)
+        if costs is None:
+            self.check(values)
+            costs = ready[key] = self.costs(values, names)
+        return costs
 
     def _check(self, values: tuple) -> None:
         names = None if self.inputs is None else (lambda: [i.name for i in self.inputs])
@@ -260,7 +286,7 @@ class RunnerCore:
         """Logits and exit index of the batch ``values``, run with ``stages`` and ``heads`` (compiled or not),
         under ``rules`` (default: the spec in force; ``bx.OnlineCalibrator`` routes with its own)."""
         if rules is None:
-            rules, checked = self._rules_in_force()
+            rules, checked, _ = self._rules_in_force()
         else:
             checked = None  # rules of the caller's own (bx.OnlineCalibrator): their thresholds are checked each call
         return route_stages(stages, heads, self.head_inputs, rules, values, x, checked)
@@ -283,7 +309,6 @@ class StagedCore(RunnerCore):
                          inputs=placeholder_specs(cut.modules[0].graph, getattr(module, "example_record", None)))
         self.module = module
         self._carried_checked: set = set()
-        self._arity = sum(1 for n in self.stages[0].graph.nodes if n.op == "placeholder")
 
     def _bind(self, inputs: Inputs):
         if not inputs.kwargs and len(inputs.args) == self._arity:

@@ -112,10 +112,8 @@ class ExitRunner:
             raise BranchifyError(
                 "the module is in training mode (module.train() was called after the runner was built); "
                 "call module.eval() before running the runner")
-        core.rules()  # follows a new spec before the costs are read
         inputs, names = core.bind(args, kwargs)
-        core.check(inputs)
-        costs = core.costs(inputs, names)
+        costs = core.prepare(inputs, names)  # follows a new spec before the costs are read
         with torch.inference_mode():
             x = core.batch_tensor(inputs)
             if x.shape[0] == 0:

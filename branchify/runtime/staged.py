@@ -40,6 +40,10 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
         if rules[i] is None:
             continue
         z = heads[i](*values[:head_inputs[i]])
+        if batch == 1:  # the sample leaves or goes on: one read of its score decides, nothing to compact
+            if judge.fires_one(i, z):
+                return z, taking(i)
+            continue
         fired = judge.fires(i, z)
         # The one host sync of this exit; one sample's decision is read directly (one operation fewer).
         leaving = int(fired.item()) if fired.shape[0] == 1 else int(torch.count_nonzero(fired))
