@@ -49,6 +49,15 @@ def compiled_name(what: str, name: str) -> str:
             f"layers are named as in the model itself: use {name.removeprefix(COMPILED_PREFIX)!r}")
 
 
+def container_not_called(what: str, path: str, last: str) -> BranchifyError:
+    """The refusal of a container (a ``ModuleList``, say) whose modules run but which the forward never calls
+    itself: "after it" is not a point of the forward, so the exit must name the call it means."""
+    return BranchifyError(
+        f"{what}: {path!r} holds modules the forward calls, but the forward never calls {path!r} itself (a "
+        f"container such as nn.ModuleList), so it is no point of the forward; to exit after its modules have run, "
+        f"name the last of them that runs: {last!r}")
+
+
 def call_names(path: str, count: int) -> list[str]:
     """The names of a module's calls: its path when it is called once, else ``path:0``, ``path:1``, ..."""
     return [path] if count == 1 else [f"{path}:{k}" for k in range(count)]
@@ -165,6 +174,19 @@ class Traced:
         groups = self._calls[training].get(path, {})
         return [groups[k] for k in sorted(groups)]
 
+    def _last_inner_call(self, path: str, training: bool) -> str | None:
+        """The name of the call that ends last among the modules inside ``path`` (``path.x``), if any ran."""
+        self.calls(path, training)  # builds the index
+        last: tuple[int, str] | None = None
+        order = {n: i for i, n in enumerate(self.graphs[training].nodes)}
+        for module, groups in self._calls[training].items():
+            if module.startswith(path + "."):
+                for call, nodes in groups.items():
+                    end = order[nodes[-1]]
+                    if last is None or end > last[0]:
+                        last = (end, call_names(module, len(groups))[call] if len(groups) > 1 else module)
+        return None if last is None else last[1]
+
     def resolve(self, name: str, training: bool, *, what: str) -> fx.Node:
         """The node ``name`` denotes: the last node of a module's call (``path`` for a module called once,
         ``path:k`` for its k-th call), else a node name. A bare path of a module called more than once is refused
@@ -191,6 +213,10 @@ class Traced:
         valid = self.valid_names(training)
         close = difflib.get_close_matches(name, [v for v in valid if v != name], n=5, cutoff=0.5)
         hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
+        if call is None and name in self.module_paths:
+            inner = self._last_inner_call(name, training)
+            if inner is not None:
+                raise container_not_called(what, name, inner)
         if name in self.module_paths or name in self.valid_names(not training):
             raise BranchifyError(
                 f"{what}: layer {name!r} is not computed in {mode} mode, so it cannot carry an exit.{hint}")

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._inputs import Inputs
 from ._outputs import select_output
 from ._record import Recording
-from ._trace import COMPILED_PREFIX, call_names, compiled_name, eval_mode, several_calls, split_call
+from ._trace import (COMPILED_PREFIX, call_names, compiled_name, container_not_called, eval_mode, several_calls,
+                     split_call)
 from .errors import BranchifyError
 from .exits import ExitPointInfo, Exits
 from .heads import build_head, default_token, mask_reading
@@ -337,6 +338,12 @@ def attach_exits_with_hooks(model: nn.Module, spec: ExitSpec, inputs: Inputs, *,
         if call is None and count > 1:
             raise several_calls(what, path, count, "the eval forward of example_inputs")
         facts = next((f for f in calls if f.call == (call or 0)), None)
+        inner = [m for m in modules if m.startswith(path + ".")] if not count and call is None else []
+        if inner:
+            inner_points = hook_points(model, inputs, inner, output)[0]
+            ran = [p for calls_of in inner_points.values() for p in calls_of]
+            if ran:
+                raise container_not_called(what, path, max(ran, key=lambda p: p.order).name)
         if facts is None:
             ran = f"called {count} time(s)" if count else "not called"
             raise BranchifyError(f"{what}: the module is {ran} in the eval forward of example_inputs, and that call "

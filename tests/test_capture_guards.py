@@ -201,6 +201,36 @@ def test_a_block_applied_three_times_is_listed_and_attached_at_each_call_on_the_
         assert torch.allclose(module(x)[0], module.exit_heads[0](calls[call]), atol=1e-6)
 
 
+class Stages(nn.Module):
+    """Stages kept in module lists that the forward loops over (timm's twins and CoaT): no stage is called itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.ModuleList([nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]),
+                                     nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1)])])
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("path", ["fx", "export", "hooks"])
+def test_a_module_list_the_forward_never_calls_is_refused_with_its_last_block_and_that_block_attaches(path):
+    model = Stages().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(bx.BranchifyError, match=r"never calls 'stages.0' itself .* name the last of them that "
+                                                r"runs: 'stages.0.1'"):
+        bx.attach_exits(model, ["stages.0"], x, capture=path)
+    module = bx.attach_exits(model, ["stages.0.1"], x, capture=path).eval()
+    after = torch.relu(model.stages[0][0](model.stem(x)))
+    assert torch.equal(module(x)[0], module.exit_heads[0](after))
+
+
 @pytest.mark.slow
 def test_albert_attaches_at_any_call_of_its_one_shared_layer():
     model = tiny_albert()

@@ -72,10 +72,10 @@ CASES: dict[str, tuple[dict, int, list[str]]] = {
     "cait_xxs24_224": ({"img_size": 64}, 64, ["blocks.7", "blocks.15"]),
     "convit_tiny": ({"img_size": 64}, 64, ["blocks.2", "blocks.6"]),
     "pit_ti_224": ({"img_size": 64}, 64, ["transformers.0", "transformers.1"]),
-    "twins_svt_small": ({"img_size": 64}, 64, ["blocks.0", "blocks.1"]),  # see FEATURE_INFO_NAMES
+    "twins_svt_small": ({"img_size": 64}, 64, ["blocks.0.1", "blocks.1.1"]),  # see FEATURE_INFO_NAMES
     # hybrids: convolutions with attention, pooling or other token mixers
     "levit_128s": ({"img_size": 64}, 64, ["stages.0", "stages.1"]),
-    "coat_lite_tiny": ({"img_size": 64}, 64, ["serial_blocks1", "serial_blocks2"]),
+    "coat_lite_tiny": ({"img_size": 64}, 64, ["serial_blocks1.1", "serial_blocks2.1"]),  # see FEATURE_INFO_NAMES
     "visformer_tiny": ({"img_size": 64}, 64, ["stage1", "stage2"]),
     "poolformer_s12": ({}, 64, ["stages.0", "stages.1"]),
     "fastvit_t8": ({}, 64, ["stages.0", "stages.1"]),
@@ -107,8 +107,11 @@ FAST = {"resnet18", "vit_tiny_patch16_224", "levit_128s", "mixer_s16_224"}
 # "stage2" returns its branches at 18 and 36 channels): its widths cannot be checked against it.
 NO_FEATURE_INFO = {"hrnet_w18_small"}
 
-# timm names twins' stages "block.i" in feature_info, but the module list is ``blocks``.
-FEATURE_INFO_NAMES = {"twins_svt_small": {"blocks.0": "block.0", "blocks.1": "block.1"}}
+# Exit layers whose feature_info entry has another name: twins' and CoaT's stages are module lists that the
+# forward never calls itself (an exit names their last block, as branchify's refusal of the list says), and timm
+# names twins' stages "block.i" though the list is ``blocks``.
+FEATURE_INFO_NAMES = {"twins_svt_small": {"blocks.0.1": "block.0", "blocks.1.1": "block.1"},
+                      "coat_lite_tiny": {"serial_blocks1.1": "serial_blocks1", "serial_blocks2.1": "serial_blocks2"}}
 
 # Failures with a cause outside this file; strict, so a fix shows up as XPASS (then drop the entry).
 KNOWN_FAILURES: dict[str, tuple[type[Exception], str]] = {}
