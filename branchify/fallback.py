@@ -29,8 +29,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._inputs import Inputs
 from ._outputs import select_output
 from ._record import Recording
-from ._trace import (COMPILED_PREFIX, call_names, compiled_name, container_not_called, eval_mode, several_calls,
-                     split_call)
+from ._trace import (
+    COMPILED_PREFIX,
+    call_names,
+    compiled_name,
+    container_not_called,
+    eval_mode,
+    several_calls,
+    split_call,
+)
 from .errors import BranchifyError
 from .exits import ExitPointInfo, Exits
 from .heads import build_head, default_token, mask_reading

@@ -1,6 +1,7 @@
 """The routing rule applied by hand, one sample at a time: the independent reference for the runner and for
-``branchify.routing.route`` (tests/test_runtime.py, tests/test_properties.py), and ``check_runner``, the runner
-held to it and to the routed module (tests/test_decoders.py, tests/test_transformers.py)."""
+``branchify.routing.route`` (tests/test_runtime.py, tests/test_properties.py); ``check_runner`` and
+``run_and_route``, the runner held to it and to the routed module (tests/test_decoders.py, tests/test_transformers.py,
+tests/test_zoo.py); ``oracle``, each stage run by hand on exactly the samples that reach it."""
 
 from __future__ import annotations
 
@@ -78,3 +79,36 @@ def check_runner(module: nn.Module, batches: list) -> bx.ExitRunner:
             seen |= set(result.exit_index.tolist())
     assert seen == set(range(len(module.exit_heads) + 1)), "every exit should take samples, or the check is vacuous"
     return runner
+
+
+def oracle(runner: bx.ExitRunner, x: torch.Tensor, exit_index: torch.Tensor) -> torch.Tensor:
+    """Each stage run directly on exactly the samples that reach it, in batch order."""
+    k = len(runner.heads)
+    logits = torch.empty(len(x), runner.num_classes, dtype=x.dtype)
+    values, where = (x,), torch.arange(len(x))
+    with torch.no_grad():
+        for i, stage in enumerate(runner.stages):
+            values = stage(*values)
+            z = runner.heads[i](values[0]) if i < k else values[0]
+            leave = exit_index[where] == i
+            logits[where[leave]] = z[leave]
+            values, where = tuple(v[~leave] for v in values), where[~leave]
+            if len(where) == 0:
+                break
+    return logits
+
+
+def run_and_route(module: bx.ExitModule, spec: bx.ExitSpec, x: torch.Tensor):
+    """The runner on ``x``, its result, the module's outputs and ``route``'s decisions on them, which the
+    runner's must equal, as they must equal a per-sample loop's that applies the rule by hand."""
+    runner = bx.ExitRunner(module)
+    result = runner(x)
+    with torch.no_grad():
+        outputs = module(x)
+    decisions = route(spec, outputs[:-1])
+    assert torch.equal(result.exit_index, decisions)
+    alone, alone_logits = by_hand(module, spec, x)
+    assert torch.equal(result.exit_index, alone)
+    scale = alone_logits.abs().amax(dim=1, keepdim=True).clamp_min(1.0)  # see the zoo test: compare at each scale
+    torch.testing.assert_close(result.logits / scale, alone_logits / scale, rtol=0, atol=1e-4)
+    return runner, result, outputs, decisions

@@ -62,7 +62,7 @@ def with_mix(module: nn.Module, x, criterion: str = "entropy") -> bx.ExitSpec:
         n = len(ranked)
         want = max(1, n // (k + 1 - i))
         margin = rounding_margin(ranked)
-        gap = lambda j: abs(float(ranked[j] - ranked[j - 1]))  # noqa: E731
+        gap = lambda j, r=ranked: abs(float(r[j] - r[j - 1]))  # noqa: E731
         near = [j for j in range(max(1, want - 2), min(n - 1, want + 2) + 1) if gap(j) > margin]
         wide = [j for j in range(1, n) if gap(j) > margin]
         if near or wide:  # the widest gap near the quantile, else anywhere

@@ -28,7 +28,7 @@ def trained_module(num_classes=4):
     return copy.deepcopy(_trained_module(num_classes))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_module(num_classes):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=num_classes)
