@@ -73,8 +73,7 @@ import torchvision
 import branchify as bx
 from branchify.criteria import get_criterion
 from branchify.routing import Judge, exit_rules
-from branchify.runtime import staged
-from branchify.runtime import benchmark
+from branchify.runtime import benchmark, staged
 from branchify.runtime.benchmark import interleaved
 
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -161,7 +160,8 @@ def build(name: str, size: int, batch: int) -> Setup:
 
 def demo_model(size: int, batch: int) -> Setup:
     """The demo's model on the digits test images: its checkpoint if ``make demo`` wrote one, else untrained."""
-    from branchify.commands.demo import EXIT_LAYERS, build as demo_build
+    from branchify.commands.demo import EXIT_LAYERS
+    from branchify.commands.demo import build as demo_build
     from branchify.distiller.data import make_loaders
 
     images = torch.cat([x for x, _ in make_loaders("digits", batch_size=64, seed=0).test])
@@ -207,6 +207,17 @@ def bert_model(seq: int, batch: int) -> Setup:
     return Setup(model, lambda batch: model(**batch).logits, inputs, module, runner,
                  f"bert4: BertForSequenceClassification 4x768 from a config, seq {seq}, mask all ones, exits after "
                  "layers 1, 2, 3")
+
+
+def single_picks(taken: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The positions in the batch of ``n`` samples to run one at a time, with the batch's mix of exits (``taken``:
+    each sample's exit, ``k`` exits): with three exits 1/2, 1/4, 1/8, 1/8 of them at exits 0, 1, 2 and the final
+    (the shares ``SHARES`` asks for), otherwise the batch's own shares."""
+    counts = [n // 2, n // 4, n // 8, n - n // 2 - n // 4 - n // 8]
+    if k != 3:  # the demo's two exits: the batch's own mix
+        mix = taken.bincount(minlength=k + 1).double()
+        counts = [int(c) for c in (mix / mix.sum() * n).round().tolist()]
+    return torch.cat([torch.nonzero(taken == e).flatten()[:c] for e, c in enumerate(counts)])
 
 
 def stage_values(runner: bx.ExitRunner, inputs) -> tuple:
@@ -446,11 +457,7 @@ def main() -> None:
     with torch.inference_mode():
         result = runner(x)
     taken = result.exit_index
-    counts = [8, 4, 2, 2] if args.quick else [16, 8, 4, 4]
-    if k != 3:  # the demo's two exits: the batch's own mix over 16 (32) samples
-        mix = taken.bincount(minlength=k + 1).double()
-        counts = [int(c) for c in (mix / mix.sum() * sum(counts)).round().tolist()]
-    picks = torch.cat([torch.nonzero(taken == e).flatten()[:n] for e, n in enumerate(counts)])
+    picks = single_picks(taken, k, 16 if args.quick else 32)
     singles = [take(x, slice(j, j + 1)) for j in picks.tolist()]
     if args.off_only:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resnet50 224x224")
