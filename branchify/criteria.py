@@ -45,6 +45,9 @@ class Criterion:
     high: float = math.inf
     across_exits: bool = False  # the score depends on the exits before (patience), not on one exit's logits
     high_of_classes: Callable[[int], float] | None = None  # the upper end when it depends on the class count
+    # The score of a batch of one sample as a Python float, the value ``score_fn(logits).item()`` gives, and of a
+    # float32 score (the built-in label-free criteria: the runner's batch-1 path, ``ExitRule.fires_one``).
+    one: Callable[[torch.Tensor], float] | None = None
 
     def score_range(self, classes: int | None = None) -> tuple[float, float]:
         """The range of the scores, ``(low, high)``; with ``classes``, the range for that many classes.
@@ -131,12 +134,29 @@ def _float(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype is torch.float32 else logits.float()
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(_float(logits), dim=-1)
+def _negated_entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = _float(logits).log_softmax(-1)
     probs = logp.exp()
     # in place unless autograd needs exp's output: one temporary fewer keeps a block of rows in the cache
     terms = probs * logp if probs.requires_grad else probs.mul_(logp)
-    return -terms.sum(dim=-1)
+    return terms.sum(dim=-1)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    return -_negated_entropy(logits)
+
+
+def _entropy_one(logits: torch.Tensor) -> float:
+    # ``_negated_entropy`` with its multiply and sum in one call (``linalg.vecdot`` of real tensors is ATen's same
+    # ``mul`` then ``sum``, composed in C++), negated in Python after the read-back (negation is exact): the value
+    # ``_entropy(logits).item()`` gives, with two Python dispatches fewer.
+    logp = _float(logits).log_softmax(-1)
+    return -torch.linalg.vecdot(logp.exp(), logp).item()
+
+
+def _read(score_fn: ScoreFn) -> Callable[[torch.Tensor], float]:
+    """``Criterion.one`` of ``score_fn``: its score of one sample, read back."""
+    return lambda logits: score_fn(logits).item()
 
 
 def _confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -208,9 +228,9 @@ def get_criterion(name: str) -> Criterion:
 
 
 _BUILTIN = {
-    "entropy": Criterion("entropy", _entropy, "below", low=0.0, high_of_classes=math.log),
-    "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0),
-    "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0),
+    "entropy": Criterion("entropy", _entropy, "below", low=0.0, high_of_classes=math.log, one=_entropy_one),
+    "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0, one=_read(_confidence)),
+    "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0, one=_read(_margin)),
     "distiller": Criterion("distiller", _distiller, "below", needs_labels=True, low=0.0),
     "patience": Criterion("patience", None, "above", low=1.0, across_exits=True),
 }

@@ -236,6 +236,8 @@ class RunnerCore:
 
     @staticmethod
     def batch_tensor(values: tuple) -> torch.Tensor:
+        if values and isinstance(values[0], torch.Tensor):  # the common case, without a generator (every call)
+            return values[0]
         return next(a for a in values if isinstance(a, torch.Tensor))
 
     def costs(self, values: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
