@@ -65,7 +65,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torchvision
@@ -73,7 +72,7 @@ import torchvision
 import branchify as bx
 from branchify.criteria import get_criterion
 from branchify.routing import Judge, exit_rules
-from branchify.runtime import benchmark, staged
+from branchify.runtime import benchmark
 from branchify.runtime.benchmark import interleaved
 
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -348,8 +347,11 @@ def breakdown(runner: bx.ExitRunner, batches: list, rounds: int = 3) -> dict[str
     twin = copy.copy(runner)
     twin._run_stages = [_scoped("bx::stage", s) for s in runner._run_stages]
     twin._run_heads = [_scoped("bx::head", h) for h in runner._run_heads]
+    rules, _, ready = runner.core._rules_in_force()
+    twin.core = copy.copy(runner.core)  # judging with a scoped judge (the core keeps one per spec)
+    twin.core._routing = (rules, _ScopedJudge(rules), ready)
     totals = dict.fromkeys(PARTS, 0.0)
-    with mock.patch.object(staged, "Judge", _ScopedJudge), torch.inference_mode():
+    with torch.inference_mode():
         for x in batches:  # warm-up
             twin(x)
         activities = [torch.profiler.ProfilerActivity.CPU]

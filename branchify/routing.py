@@ -139,8 +139,8 @@ class Judge:
     ``judge.fires(i, logits)`` says which samples exit ``i`` lets out (exit ``i`` must be on); after
     some samples leave, ``judge.keep(index)`` keeps the memory of those that go on. Each exit's threshold is
     checked against the number of classes the first time it is judged; ``checked`` (the ``(exit, classes)``
-    pairs already checked) lets a caller that judges many batches under the same ``rules`` (the runner) check
-    them once, not once per batch: it must belong to those rules.
+    pairs already checked) lets a caller that judges many batches under the same ``rules`` check them once,
+    not once per batch: it must belong to those rules (``fresh`` keeps it).
     """
 
     def __init__(self, rules: Sequence[ExitRule | None], target: torch.Tensor | None = None, *,
@@ -155,6 +155,14 @@ class Judge:
         self._prediction: torch.Tensor | None = None
         self._streak: torch.Tensor | None = None
         self._checked: set[tuple[int, int]] = set() if checked is None else checked
+
+    def fresh(self) -> Judge:
+        """A judge for the next batch under the same rules, sharing the thresholds checked: this one when it
+        carries nothing from batch to batch (no criterion across exits, no target), so that a caller judging many
+        batches (the runner) need not build one per batch."""
+        if not self._remembers and self.target is None:
+            return self
+        return type(self)(self.rules, checked=self._checked)
 
     def fires(self, i: int, logits: torch.Tensor) -> torch.Tensor:
         rule = self._rule(i, logits)

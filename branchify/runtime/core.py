@@ -19,7 +19,7 @@ from torch import nn
 from .._inputs import Inputs, bind
 from .._propagate import describe_inputs
 from ..errors import BranchifyError
-from ..routing import ExitRule, exit_rules
+from ..routing import ExitRule, Judge, exit_rules
 from ..spec import ExitSpec
 from .carried import check_carried
 from .checks import check_inputs
@@ -116,6 +116,10 @@ def _signature(values: tuple, shapes: bool = False) -> tuple:
     """What ``RunnerCore.check`` reads of a call's inputs: per input, its type, or for a tensor its dtype, device,
     number of dims and whether its batch dim equals the first tensor's; with ``shapes``, also each tensor's shape
     without the batch dim (what ``RunnerCore.costs`` looks its MACs up by)."""
+    if len(values) == 1 and isinstance(values[0], torch.Tensor):  # one tensor, the common case, without the loop
+        a = values[0]
+        shape = a.shape
+        return ((a.dtype, a.device, len(shape), bool(shape), shape[1:] if shapes else None),)
     unset = batch = object()  # a plain loop: this runs on every call, and a generator costs twice its time
     signature = []
     for a in values:
@@ -155,11 +159,10 @@ class RunnerCore:
                  num_classes: int, dtype: torch.dtype | None, device: torch.device | None,
                  inputs: tuple[InputSpec, ...] | None) -> None:
         self.spec = spec
-        # The rules of the spec in force, the (exit, classes) pairs whose thresholds ``Judge`` has checked under
-        # them, and the MACs of the input signatures ``prepare`` has let through under them: swapped together, so
-        # that a thread never pairs one spec's rules with another's checks or costs.
-        self._routing: tuple[list[ExitRule | None], set[tuple[int, int]], dict[tuple, torch.Tensor]] = (
-            exit_rules(spec, deployed=True), set(), {})
+        # The rules of the spec in force, a ``Judge`` of them (which keeps the thresholds it has checked; each call
+        # judges with its ``fresh()``), and the MACs of the input signatures ``prepare`` has let through under them:
+        # swapped together, so that a thread never pairs one spec's rules with another's checks or costs.
+        self._routing: tuple[list[ExitRule | None], Judge, dict[tuple, torch.Tensor]] = self._routing_of(spec)
         self.stages = stages
         self.heads = heads
         self.head_inputs = list(head_inputs)
@@ -176,16 +179,21 @@ class RunnerCore:
 
     # --- the spec in force -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _routing_of(spec: ExitSpec) -> tuple[list[ExitRule | None], Judge, dict]:
+        rules = exit_rules(spec, deployed=True)
+        return rules, Judge(rules), {}
+
     def rules(self) -> list[ExitRule | None]:
         """The rule of each exit (None: off) of the spec in force; a module's new spec takes effect here."""
         return self._rules_in_force()[0]
 
-    def _rules_in_force(self) -> tuple[list[ExitRule | None], set[tuple[int, int]], dict[tuple, torch.Tensor]]:
+    def _rules_in_force(self) -> tuple[list[ExitRule | None], Judge, dict[tuple, torch.Tensor]]:
         module = self.module
         if module is not None and module.exit_spec is not self.spec:
             with self._lock:
                 if module.exit_spec is not self.spec:
-                    self._routing = (exit_rules(module.exit_spec, deployed=True), set(), {})
+                    self._routing = self._routing_of(module.exit_spec)
                     self.spec = module.exit_spec
                     self.macs.forget()  # the new spec may switch exits off, and an exit that is off is not charged
         return self._routing
@@ -288,10 +296,10 @@ class RunnerCore:
         """Logits and exit index of the batch ``values``, run with ``stages`` and ``heads`` (compiled or not),
         under ``rules`` (default: the spec in force; ``bx.OnlineCalibrator`` routes with its own)."""
         if rules is None:
-            rules, checked, _ = self._rules_in_force()
+            rules, judge, _ = self._rules_in_force()
         else:
-            checked = None  # rules of the caller's own (bx.OnlineCalibrator): their thresholds are checked each call
-        return route_stages(stages, heads, self.head_inputs, rules, values, x, checked)
+            judge = None  # rules of the caller's own (bx.OnlineCalibrator): their thresholds are checked each call
+        return route_stages(stages, heads, self.head_inputs, rules, values, x, judge)
 
     def original(self, stages: Sequence, values: tuple, names: tuple[str, ...] | None):
         """The model's computation as the runner holds it, on the whole batch, without heads or routing."""
