@@ -119,8 +119,8 @@ def _one_sample_logits():
 @pytest.mark.parametrize("name", ["entropy", "confidence", "margin"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_one_samples_score_read_back_is_the_batch_formulas_bit_for_bit(name, dtype):
-    # Criterion.one (the runner's batch-1 path: entropy multiplies and sums in one call and negates after the
-    # read-back) must give exactly score(...).item(), NaN where it is NaN, and a float32 value.
+    # Criterion.one (the runner's batch-1 path; entropy negates after the read-back) must give exactly
+    # score(...).item(), NaN where it is NaN, and a float32 value.
     crit = get_criterion(name)
     for row in _one_sample_logits():
         z = row[None].to(dtype)

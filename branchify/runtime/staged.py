@@ -41,6 +41,8 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
     k = len(rules)
     judge = Judge(rules) if judge is None else judge.fresh()
     batch = first.shape[0]
+    if batch == 1:
+        return _route_one(stages, heads, head_inputs, rules, inputs, judge, first.device)
 
     def taking(i: int) -> torch.Tensor:
         return torch.full((batch,), i, dtype=torch.int64, device=first.device)
@@ -54,10 +56,6 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
         if rules[i] is None:
             continue
         z = heads[i](*values[:head_inputs[i]])
-        if batch == 1:  # the sample leaves or goes on: one read of its score decides, nothing to compact
-            if judge.fires_one(i, z):
-                return z, _one_exit(i, first.device)
-            continue
         fired = judge.fires(i, z)
         # The one host sync of this exit; one sample's decision is read directly (one operation fewer).
         leaving = int(fired.item()) if fired.shape[0] == 1 else int(torch.count_nonzero(fired))
@@ -83,6 +81,22 @@ def route_stages(stages: Sequence[Callable], heads: Sequence[Callable], head_inp
         judge.keep(keep)
     final = stages[k](*values)[0]
     if where is None:
-        return final, _one_exit(k, first.device) if batch == 1 else taking(k)
+        return final, taking(k)
     logits.index_copy_(0, where, final)
     return logits, exit_index
+
+
+def _route_one(stages: Sequence[Callable], heads: Sequence[Callable], head_inputs: Sequence[int],
+               rules: Sequence[ExitRule | None], values: tuple, judge: Judge,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route_stages`` for one sample: it leaves or goes on, so one read of its score decides at each exit and
+    nothing is compacted."""
+    k = len(rules)
+    for i in range(k):
+        values = stages[i](*values)
+        if rules[i] is None:
+            continue
+        z = heads[i](*values[:head_inputs[i]])
+        if judge.fires_one(i, z):
+            return z, _one_exit(i, device)
+    return stages[k](*values)[0], _one_exit(k, device)
