@@ -287,10 +287,13 @@ def timed(units: list[dict[str, Callable[[], object]]], repeats: int,
     """Median and best over repeats of each variant's total seconds over ``units`` (one per sample at batch 1), and
     each repeat's totals.
 
-    The variants run back to back on each unit, in an order that rotates every repeat, so that the
-    load of a shared machine, which drifts, falls on all of them alike (``bx.benchmark``'s timing loop).
+    The variants run back to back on each unit, so that the load of a shared machine, which drifts, falls on all
+    of them alike (``bx.benchmark``'s timing loop), in an order drawn at random for every unit and repeat: in a
+    rotation the runner (b) always ran right after the original model (a), which leaves the runner's Python and
+    small kernels cold in the caches (at batch 1, about 2 points of overhead that neither the ideal nor a runner
+    serving a stream of samples sees).
     """
-    totals = interleaved(units, repeats, device)
+    totals = interleaved(units, repeats, device, shuffle=True)
     return ({name: statistics.median(t) for name, t in totals.items()},
             {name: min(t) for name, t in totals.items()}, totals)
 
