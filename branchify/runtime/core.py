@@ -229,13 +229,20 @@ class RunnerCore:
     def prepare(self, values: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
         """``check`` then ``costs``, in one lookup for inputs alike in what both read (``_signature`` with the
         shapes) to inputs already prepared under the spec in force (this runs on every call of the runner)."""
-        ready = self._rules_in_force()[2]
+        return self._prepared(values, names)[0]
+
+    def _prepared(self, values: tuple, names: tuple[str, ...] | None = None) -> tuple[torch.Tensor, tuple]:
+        """``prepare``'s costs, and the spec in force they belong to (its rules, judge and costs), for ``route``:
+        a call reads the spec in force once, so that a spec set meanwhile (another thread, bx.OnlineCalibrator)
+        cannot pair one spec's decisions with another's costs."""
+        routing = self._rules_in_force()
+        ready = routing[2]
         key = _signature(values, shapes=True)
         costs = ready.get(key)
         if costs is None:
             self.check(values)
             costs = ready[key] = self.costs(values, names)
-        return costs
+        return costs, routing
 
     def _check(self, values: tuple) -> None:
         names = None if self.inputs is None else (lambda: [i.name for i in self.inputs])
@@ -292,11 +299,13 @@ class RunnerCore:
     # --- routing -----------------------------------------------------------------------------------------
 
     def route(self, stages: Sequence, heads: Sequence, values: tuple, names: tuple[str, ...] | None,
-              x: torch.Tensor, rules: Sequence[ExitRule | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              x: torch.Tensor, rules: Sequence[ExitRule | None] | None = None, *,
+              routing: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and exit index of the batch ``values``, run with ``stages`` and ``heads`` (compiled or not),
-        under ``rules`` (default: the spec in force; ``bx.OnlineCalibrator`` routes with its own)."""
+        under ``rules`` (default: the spec in force, or the one ``routing`` from ``_prepared`` holds;
+        ``bx.OnlineCalibrator`` routes with its own)."""
         if rules is None:
-            rules, judge, _ = self._rules_in_force()
+            rules, judge, _ = self._rules_in_force() if routing is None else routing
         else:
             judge = None  # rules of the caller's own (bx.OnlineCalibrator): their thresholds are checked each call
         return route_stages(stages, heads, self.head_inputs, rules, values, x, judge)
@@ -360,8 +369,10 @@ class HookedCore(RunnerCore):
         check_inputs(values, count=None, names=None, dtype=self.dtype, device=self.device, since=self.macs.since,
                      specs=specs, positional=True)
 
-    def route(self, stages, heads, values, names, x, rules=None):
-        return self.router.route(heads, self.rules() if rules is None else rules, values, names, x)
+    def route(self, stages, heads, values, names, x, rules=None, *, routing=None):
+        if rules is None:
+            rules = self.rules() if routing is None else routing[0]
+        return self.router.route(heads, rules, values, names, x)
 
     def original(self, stages, values, names):
         model = self.module.model

@@ -122,13 +122,14 @@ class ExitRunner:
                 "the module is in training mode (module.train() was called after the runner was built); "
                 "call module.eval() before running the runner")
         inputs, names = core.bind(args, kwargs)
-        costs = core.prepare(inputs, names)  # follows a new spec before the costs are read
+        costs, routing = core._prepared(inputs, names)  # follows a new spec before the costs are read
         if torch.is_inference_mode_enabled():  # a caller's serving loop often is: entering again changes nothing
-            return self._route(inputs, names, costs)
+            return self._route(inputs, names, costs, routing)
         with _inference_mode():
-            return self._route(inputs, names, costs)
+            return self._route(inputs, names, costs, routing)
 
-    def _route(self, inputs: tuple, names: tuple[str, ...] | None, costs: torch.Tensor) -> ExitResult:
+    def _route(self, inputs: tuple, names: tuple[str, ...] | None, costs: torch.Tensor,
+               routing: tuple) -> ExitResult:
         core = self.core
         x = core.batch_tensor(inputs)
         if x.shape[0] == 0:
@@ -136,7 +137,7 @@ class ExitRunner:
             return ExitResult(x.new_empty((0, core.num_classes), dtype=core.dtype or x.dtype), empty, costs[empty])
         # Shapes and dtypes were checked on fake tensors (costs) before anything ran: what fails now
         # (out of memory, the model's own checks of values) is not a shape mistake, and passes unchanged.
-        logits, exit_index = core.route(self._run_stages, self._run_heads, inputs, names, x)
+        logits, exit_index = core.route(self._run_stages, self._run_heads, inputs, names, x, routing=routing)
         return ExitResult(logits, exit_index, costs.index_select(0, exit_index))
 
     def original(self, *args, **kwargs):
