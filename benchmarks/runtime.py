@@ -50,6 +50,9 @@ is off must cost nothing (ratio off/absent about 1).
     python benchmarks/runtime.py --model demo --threads 1
     python benchmarks/runtime.py --model bert4 --size 32 --threads 1
     python benchmarks/runtime.py --off-only --threads 1   # only the exit that is off, one thread
+
+Before and after a change, in one process: ``benchmarks/runtime_ab.py --base REV`` (the same models, the runner
+and ideal of revision REV's ``branchify`` against this tree's).
 """
 
 from __future__ import annotations
