@@ -102,7 +102,7 @@ class Criterion:
         >>> try:
         ...     get_criterion("confidence").check_threshold(1.5)
         ... except BranchifyError as err:
-        ...     print(str(err)[:76])
+        ...     print(str(err)[:79])
         criterion 'confidence' scores lie in [0, 1], so at threshold 1.5 the exit never
         >>> get_criterion("entropy").check_threshold(3.0, classes=10)  # above log 10: every sample leaves
         """
