@@ -152,11 +152,6 @@ def _entropy_one(logits: torch.Tensor) -> float:
     return -_negated_entropy(logits).item()
 
 
-def _read(score_fn: ScoreFn) -> Callable[[torch.Tensor], float]:
-    """``Criterion.one`` of ``score_fn``: its score of one sample, read back."""
-    return lambda logits: score_fn(logits).item()
-
-
 def _confidence(logits: torch.Tensor) -> torch.Tensor:
     return F.softmax(_float(logits), dim=-1).amax(dim=-1)
 
@@ -167,6 +162,14 @@ def _margin(logits: torch.Tensor) -> torch.Tensor:
         return probs[..., 0]
     top2 = probs.topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1]
+
+
+def _confidence_one(logits: torch.Tensor) -> float:
+    return _confidence(logits).item()
+
+
+def _margin_one(logits: torch.Tensor) -> float:
+    return _margin(logits).item()
 
 
 def _distiller(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -227,8 +230,8 @@ def get_criterion(name: str) -> Criterion:
 
 _BUILTIN = {
     "entropy": Criterion("entropy", _entropy, "below", low=0.0, high_of_classes=math.log, one=_entropy_one),
-    "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0, one=_read(_confidence)),
-    "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0, one=_read(_margin)),
+    "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0, one=_confidence_one),
+    "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0, one=_margin_one),
     "distiller": Criterion("distiller", _distiller, "below", needs_labels=True, low=0.0),
     "patience": Criterion("patience", None, "above", low=1.0, across_exits=True),
 }

@@ -242,3 +242,18 @@ def test_entropy_has_the_right_gradient():
     p = torch.softmax(logits.detach(), dim=-1)
     entropy = -(p * p.log()).sum(-1, keepdim=True)
     torch.testing.assert_close(grad, -p * (p.log() + entropy))
+
+
+def test_rules_of_the_built_in_criteria_pickle_and_judge_alike_after():
+    # Rules travel to worker processes (data loaders, process groups): their criteria, Criterion.one included,
+    # must pickle, and judge one sample as before.
+    import pickle
+
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer, threshold=0.5, criterion=name)
+                              for layer, name in (("a", "entropy"), ("b", "confidence"), ("c", "margin"))])
+    rules = exit_rules(spec)
+    again = pickle.loads(pickle.dumps(rules))
+    logits = torch.randn(8, 5) * 2
+    for rule, twin in zip(rules, again):
+        rows = [logits[j:j + 1] for j in range(8)]
+        assert [twin.fires_one(z) for z in rows] == [rule.fires_one(z) for z in rows] == rule.fires(logits).tolist()
