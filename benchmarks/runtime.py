@@ -50,6 +50,9 @@ is off must cost nothing (ratio off/absent about 1).
     python benchmarks/runtime.py --model demo --threads 1
     python benchmarks/runtime.py --model bert4 --size 32 --threads 1
     python benchmarks/runtime.py --off-only --threads 1   # only the exit that is off, one thread
+
+Before and after a change, in one process: ``benchmarks/runtime_ab.py --base REV`` (the same models, the runner
+and ideal of revision REV's ``branchify`` against this tree's).
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torchvision
@@ -73,7 +75,6 @@ import torchvision
 import branchify as bx
 from branchify.criteria import get_criterion
 from branchify.routing import Judge, exit_rules
-from branchify.runtime import staged
 from branchify.runtime import benchmark
 from branchify.runtime.benchmark import interleaved
 
@@ -161,7 +162,8 @@ def build(name: str, size: int, batch: int) -> Setup:
 
 def demo_model(size: int, batch: int) -> Setup:
     """The demo's model on the digits test images: its checkpoint if ``make demo`` wrote one, else untrained."""
-    from branchify.commands.demo import EXIT_LAYERS, build as demo_build
+    from branchify.commands.demo import EXIT_LAYERS
+    from branchify.commands.demo import build as demo_build
     from branchify.distiller.data import make_loaders
 
     images = torch.cat([x for x, _ in make_loaders("digits", batch_size=64, seed=0).test])
@@ -207,6 +209,17 @@ def bert_model(seq: int, batch: int) -> Setup:
     return Setup(model, lambda batch: model(**batch).logits, inputs, module, runner,
                  f"bert4: BertForSequenceClassification 4x768 from a config, seq {seq}, mask all ones, exits after "
                  "layers 1, 2, 3")
+
+
+def single_picks(taken: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The positions in the batch of ``n`` samples to run one at a time, with the batch's mix of exits (``taken``:
+    each sample's exit, ``k`` exits): with three exits 1/2, 1/4, 1/8, 1/8 of them at exits 0, 1, 2 and the final
+    (the shares ``SHARES`` asks for), otherwise the batch's own shares."""
+    counts = [n // 2, n // 4, n // 8, n - n // 2 - n // 4 - n // 8]
+    if k != 3:  # the demo's two exits: the batch's own mix
+        mix = taken.bincount(minlength=k + 1).double()
+        counts = [int(c) for c in (mix / mix.sum() * n).round().tolist()]
+    return torch.cat([torch.nonzero(taken == e).flatten()[:c] for e, c in enumerate(counts)])
 
 
 def stage_values(runner: bx.ExitRunner, inputs) -> tuple:
@@ -277,10 +290,13 @@ def timed(units: list[dict[str, Callable[[], object]]], repeats: int,
     """Median and best over repeats of each variant's total seconds over ``units`` (one per sample at batch 1), and
     each repeat's totals.
 
-    The variants run back to back on each unit, in an order that rotates every repeat, so that the
-    load of a shared machine, which drifts, falls on all of them alike (``bx.benchmark``'s timing loop).
+    The variants run back to back on each unit, so that the load of a shared machine, which drifts, falls on all
+    of them alike (``bx.benchmark``'s timing loop), in an order drawn at random for every unit and repeat: in a
+    rotation the runner (b) always ran right after the original model (a), which leaves the runner's Python and
+    small kernels cold in the caches (at batch 1, about 2 points of overhead that neither the ideal nor a runner
+    serving a stream of samples sees).
     """
-    totals = interleaved(units, repeats, device)
+    totals = interleaved(units, repeats, device, shuffle=True)
     return ({name: statistics.median(t) for name, t in totals.items()},
             {name: min(t) for name, t in totals.items()}, totals)
 
@@ -337,8 +353,11 @@ def breakdown(runner: bx.ExitRunner, batches: list, rounds: int = 3) -> dict[str
     twin = copy.copy(runner)
     twin._run_stages = [_scoped("bx::stage", s) for s in runner._run_stages]
     twin._run_heads = [_scoped("bx::head", h) for h in runner._run_heads]
+    rules, _, ready = runner.core._rules_in_force()
+    twin.core = copy.copy(runner.core)  # judging with a scoped judge (the core keeps one per spec)
+    twin.core._routing = (rules, _ScopedJudge(rules), ready)
     totals = dict.fromkeys(PARTS, 0.0)
-    with mock.patch.object(staged, "Judge", _ScopedJudge), torch.inference_mode():
+    with torch.inference_mode():
         for x in batches:  # warm-up
             twin(x)
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -446,11 +465,7 @@ def main() -> None:
     with torch.inference_mode():
         result = runner(x)
     taken = result.exit_index
-    counts = [8, 4, 2, 2] if args.quick else [16, 8, 4, 4]
-    if k != 3:  # the demo's two exits: the batch's own mix over 16 (32) samples
-        mix = taken.bincount(minlength=k + 1).double()
-        counts = [int(c) for c in (mix / mix.sum() * sum(counts)).round().tolist()]
-    picks = torch.cat([torch.nonzero(taken == e).flatten()[:n] for e, n in enumerate(counts)])
+    picks = single_picks(taken, k, 16 if args.quick else 32)
     singles = [take(x, slice(j, j + 1)) for j in picks.tolist()]
     if args.off_only:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resnet50 224x224")

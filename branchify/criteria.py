@@ -45,6 +45,9 @@ class Criterion:
     high: float = math.inf
     across_exits: bool = False  # the score depends on the exits before (patience), not on one exit's logits
     high_of_classes: Callable[[int], float] | None = None  # the upper end when it depends on the class count
+    # The score of a batch of one sample as a Python float, the value ``score_fn(logits).item()`` gives, and of a
+    # float32 score (the built-in label-free criteria: the runner's batch-1 path, ``ExitRule.fires_one``).
+    one: Callable[[torch.Tensor], float] | None = None
 
     def score_range(self, classes: int | None = None) -> tuple[float, float]:
         """The range of the scores, ``(low, high)``; with ``classes``, the range for that many classes.
@@ -99,7 +102,7 @@ class Criterion:
         >>> try:
         ...     get_criterion("confidence").check_threshold(1.5)
         ... except BranchifyError as err:
-        ...     print(str(err)[:76])
+        ...     print(str(err)[:79])
         criterion 'confidence' scores lie in [0, 1], so at threshold 1.5 the exit never
         >>> get_criterion("entropy").check_threshold(3.0, classes=10)  # above log 10: every sample leaves
         """
@@ -131,12 +134,22 @@ def _float(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype is torch.float32 else logits.float()
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(_float(logits), dim=-1)
+def _negated_entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = (logits if logits.dtype is torch.float32 else logits.float()).log_softmax(-1)  # _float, inline
     probs = logp.exp()
     # in place unless autograd needs exp's output: one temporary fewer keeps a block of rows in the cache
     terms = probs * logp if probs.requires_grad else probs.mul_(logp)
-    return -terms.sum(dim=-1)
+    return terms.sum(dim=-1)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    return -_negated_entropy(logits)
+
+
+def _entropy_one(logits: torch.Tensor) -> float:
+    # Negated in Python after the read-back: negation is exact, so the value is ``_entropy``'s, one operation
+    # fewer. (``linalg.vecdot`` for the multiply and sum, one Python call fewer, is slower at batch 1 in place.)
+    return -_negated_entropy(logits).item()
 
 
 def _confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -149,6 +162,14 @@ def _margin(logits: torch.Tensor) -> torch.Tensor:
         return probs[..., 0]
     top2 = probs.topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1]
+
+
+def _confidence_one(logits: torch.Tensor) -> float:
+    return _confidence(logits).item()
+
+
+def _margin_one(logits: torch.Tensor) -> float:
+    return _margin(logits).item()
 
 
 def _distiller(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -208,9 +229,9 @@ def get_criterion(name: str) -> Criterion:
 
 
 _BUILTIN = {
-    "entropy": Criterion("entropy", _entropy, "below", low=0.0, high_of_classes=math.log),
-    "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0),
-    "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0),
+    "entropy": Criterion("entropy", _entropy, "below", low=0.0, high_of_classes=math.log, one=_entropy_one),
+    "confidence": Criterion("confidence", _confidence, "above", low=0.0, high=1.0, one=_confidence_one),
+    "margin": Criterion("margin", _margin, "above", low=0.0, high=1.0, one=_margin_one),
     "distiller": Criterion("distiller", _distiller, "below", needs_labels=True, low=0.0),
     "patience": Criterion("patience", None, "above", low=1.0, across_exits=True),
 }

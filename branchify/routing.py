@@ -36,6 +36,11 @@ class ExitRule:
     # call (a few microseconds per exit at small batches); comparing one score read back as a Python float with
     # the rounded float gives the same decision (both values are exact in the scores' dtype).
     _as_tensor: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    # The threshold rounded to float32, for criteria that read one sample's float32 score back (``Criterion.one``).
+    _float32: float = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_float32", _rounded(float(self.threshold), torch.float32))
 
     def fires(self, logits: torch.Tensor, target: torch.Tensor | None = None,
               streak: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,7 +56,11 @@ class ExitRule:
     def fires_one(self, logits: torch.Tensor) -> bool:
         """``fires`` for the logits of one sample, as a bool: its score is read back once and compared in
         Python (the decision ``fires`` gives, without the tensor comparison; a NaN score never fires)."""
-        scores = self.criterion.score(logits, None, self.temperature)
+        criterion = self.criterion
+        if criterion.one is not None:  # a float32 score, read back by the criterion itself
+            score = criterion.one(logits if self.temperature == 1.0 else logits / self.temperature)
+            return score < self._float32 if criterion.exits_when == "below" else score >= self._float32
+        scores = criterion.score(logits, None, self.temperature)
         tensor, value = self._threshold_like(scores)
         if value is None:  # scores of another dtype: compared as tensors, which round the threshold to it
             return bool(self.criterion.fires(scores, tensor).item())
@@ -130,18 +139,30 @@ class Judge:
     ``judge.fires(i, logits)`` says which samples exit ``i`` lets out (exit ``i`` must be on); after
     some samples leave, ``judge.keep(index)`` keeps the memory of those that go on. Each exit's threshold is
     checked against the number of classes the first time it is judged; ``checked`` (the ``(exit, classes)``
-    pairs already checked) lets a caller that judges many batches under the same ``rules`` (the runner) check
-    them once, not once per batch: it must belong to those rules.
+    pairs already checked) lets a caller that judges many batches under the same ``rules`` check them once,
+    not once per batch: it must belong to those rules (``fresh`` keeps it).
     """
 
     def __init__(self, rules: Sequence[ExitRule | None], target: torch.Tensor | None = None, *,
                  checked: set[tuple[int, int]] | None = None) -> None:
-        self.rules = list(rules)
+        self.rules = rules  # only read
         self.target = target
-        self._remembers = any(r is not None and r.criterion.across_exits for r in self.rules)
+        remembers = False  # a plain loop: the runner makes a judge per call, and a generator costs more
+        for rule in rules:
+            if rule is not None and rule.criterion.across_exits:
+                remembers = True
+        self._remembers = remembers
         self._prediction: torch.Tensor | None = None
         self._streak: torch.Tensor | None = None
         self._checked: set[tuple[int, int]] = set() if checked is None else checked
+
+    def fresh(self) -> Judge:
+        """A judge for the next batch under the same rules, sharing the thresholds checked: this one when it
+        carries nothing from batch to batch (no criterion across exits, no target), so that a caller judging many
+        batches (the runner) need not build one per batch."""
+        if not self._remembers and self.target is None:
+            return self
+        return type(self)(self.rules, checked=self._checked)
 
     def fires(self, i: int, logits: torch.Tensor) -> torch.Tensor:
         rule = self._rule(i, logits)
@@ -157,7 +178,10 @@ class Judge:
         mask); ``keep`` is never needed after it, since the sample either leaves or goes on."""
         if self._remembers or self.target is not None:
             return bool(self.fires(i, logits).item())
-        return self._rule(i, logits).fires_one(logits)
+        rule = self.rules[i]
+        if rule is None or (i, logits.shape[-1]) not in self._checked:  # ``_rule``, once per exit and classes
+            rule = self._rule(i, logits)
+        return rule.fires_one(logits)
 
     def _rule(self, i: int, logits: torch.Tensor) -> ExitRule:
         """Exit ``i``'s rule, its threshold checked against the number of classes of ``logits``."""

@@ -208,3 +208,21 @@ def test_refusals_that_name_the_way_out(setup, tmp_path):
     loaded = bx.ExitRunner.load(runner.save(tmp_path / "runner", example_inputs=x[:1]))
     with pytest.raises(bx.BranchifyError, match="loaded from a folder"):
         bx.benchmark(loaded, x)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_interleaved_runs_every_variant_once_per_unit_and_shuffled_puts_each_after_every_other(shuffle):
+    # A rotation keeps each variant after the same neighbour (benchmarks/runtime.py's runner always ran after the
+    # original model); shuffle=True must put each variant after each of the others, and still run each once per
+    # unit and repeat.
+    calls: list[str] = []
+    units = [{name: (lambda name=name: calls.append(name)) for name in "abcd"} for _ in range(4)]
+    totals = bench.interleaved(units, repeats=6, shuffle=shuffle)
+    assert {name: len(t) for name, t in totals.items()} == dict.fromkeys("abcd", 6)
+    timed = calls[len("abcd") * len(units):]  # after the warm-up pass
+    rounds = [timed[j:j + 4] for j in range(0, len(timed), 4)]
+    assert len(rounds) == 6 * len(units) and all(sorted(r) == list("abcd") for r in rounds)
+    per_repeat = len(units) * 4
+    repeats = [timed[j:j + per_repeat] for j in range(0, len(timed), per_repeat)]
+    after_a = {n for r in repeats for p, n in zip(r, r[1:]) if p == "a"}
+    assert after_a == ({"b", "c", "d"} if shuffle else {"b"})

@@ -84,7 +84,7 @@ def test_a_nan_score_never_exits(name):
         assert not crit.fires(scores, threshold)[0]
 
 
-@pytest.mark.parametrize("name", ["entropy", "confidence"])
+@pytest.mark.parametrize("name", ["entropy", "confidence", "margin"])
 def test_a_rule_lets_out_the_samples_a_float32_comparison_with_its_threshold_does(name):
     # ExitRule compares with its threshold held as a 0-dim tensor (issue 25); the mask must be numpy's float32
     # comparison with the float, at thresholds on scores and halfway between neighbouring float32 values.
@@ -100,6 +100,36 @@ def test_a_rule_lets_out_the_samples_a_float32_comparison_with_its_threshold_doe
         assert rule.fires(logits).tolist() == expected.tolist()
         # one sample at a time (the runner's batch-1 path): its score read back and compared in Python
         assert [rule.fires_one(logits[j:j + 1]) for j in range(len(logits))] == expected.tolist()
+
+
+def _one_sample_logits():
+    # Rows of many widths and scales, ties (equal logits: entropy log C exactly at the top), infinities and NaN.
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for classes in (1, 2, 3, 7, 8, 9, 10, 16, 17, 100, 1001):
+        for scale in (1e-3, 1.0, 5.0, 40.0):
+            rows += list(torch.randn(20, classes, generator=generator) * scale)
+        rows += [torch.zeros(classes), torch.full((classes,), 7.0)]
+        if classes > 1:
+            rest = [0.0] * (classes - 1)
+            rows += [torch.tensor([math.inf, *rest]), torch.tensor([-math.inf, *rest]), torch.tensor([math.nan, *rest])]
+    return rows
+
+
+@pytest.mark.parametrize("name", ["entropy", "confidence", "margin"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_one_samples_score_read_back_is_the_batch_formulas_bit_for_bit(name, dtype):
+    # Criterion.one (the runner's batch-1 path; entropy negates after the read-back) must give exactly
+    # score(...).item(), NaN where it is NaN, and a float32 value.
+    crit = get_criterion(name)
+    for row in _one_sample_logits():
+        z = row[None].to(dtype)
+        for temperature in (1.0, 0.7):
+            expected = crit.score(z, temperature=temperature)
+            assert expected.dtype == torch.float32
+            got = crit.one(z if temperature == 1.0 else z / temperature)
+            assert type(got) is float
+            assert (math.isnan(got) and math.isnan(expected.item())) or got == expected.item(), (row, temperature)
 
 
 @pytest.mark.parametrize("name", ["entropy", "confidence", "margin"])
@@ -212,3 +242,18 @@ def test_entropy_has_the_right_gradient():
     p = torch.softmax(logits.detach(), dim=-1)
     entropy = -(p * p.log()).sum(-1, keepdim=True)
     torch.testing.assert_close(grad, -p * (p.log() + entropy))
+
+
+def test_rules_of_the_built_in_criteria_pickle_and_judge_alike_after():
+    # Rules travel to worker processes (data loaders, process groups): their criteria, Criterion.one included,
+    # must pickle, and judge one sample as before.
+    import pickle
+
+    spec = bx.ExitSpec(exits=[bx.ExitPoint(layer=layer, threshold=0.5, criterion=name)
+                              for layer, name in (("a", "entropy"), ("b", "confidence"), ("c", "margin"))])
+    rules = exit_rules(spec)
+    again = pickle.loads(pickle.dumps(rules))
+    logits = torch.randn(8, 5) * 2
+    for rule, twin in zip(rules, again):
+        rows = [logits[j:j + 1] for j in range(8)]
+        assert [twin.fires_one(z) for z in rows] == [rule.fires_one(z) for z in rows] == rule.fires(logits).tolist()

@@ -135,9 +135,15 @@ def test_patience_routes_as_the_per_sample_loop_on_both_paths(resnet, patience):
                 outputs = m(x)
             want = reference(spec, outputs)
             assert torch.equal(route(spec, outputs[:-1]), want)
-            result = bx.ExitRunner(m)(x)
+            runner = bx.ExitRunner(m)
+            result = runner(x)
             assert torch.equal(result.exit_index, want)
             torch.testing.assert_close(result.logits, expected(outputs, want), rtol=1e-4, atol=1e-5)
+            # The same runner again: each call starts its runs of agreeing exits afresh (the runner keeps one
+            # judge per spec), whatever the batch before it, down to one sample at a time.
+            assert torch.equal(runner(x[5:]).exit_index, want[5:])
+            assert [int(runner(x[j:j + 1]).exit_index) for j in range(6)] == want[:6].tolist()
+            assert torch.equal(runner(x).exit_index, want)
             stats = bx.ExitStats(spec)
             stats.update(outputs, torch.zeros(len(x), dtype=torch.long))
             assert [row.taken for row in stats.summary().exits] == torch.bincount(want, minlength=4).tolist()

@@ -1,5 +1,6 @@
 """ExitRunner: per-sample routing through staged graphs, against the multi-output module."""
 
+import contextlib
 import functools
 import json
 import subprocess
@@ -208,8 +209,17 @@ def test_empty_batch_gives_empty_results():
 def test_runs_under_inference_mode():
     module = built("tiny")
     with_mix(module, batch("tiny"))
-    result = bx.ExitRunner(module)(batch("tiny"))
-    assert result.logits.is_inference() and not result.logits.requires_grad
+    runner = bx.ExitRunner(module)
+    # Outside any mode, under no_grad, and inside inference mode (which the runner does not enter again), at
+    # batch 1 and in a batch: every returned tensor is an inference tensor, and the caller's mode is left as it was.
+    for context in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+        for x in (batch("tiny"), batch("tiny")[:1]):
+            with context():
+                result = runner(x)
+                inside = torch.is_inference_mode_enabled()
+            assert inside is (context is torch.inference_mode) and not torch.is_inference_mode_enabled()
+            assert all(t.is_inference() and not t.requires_grad for t in (result.logits, result.exit_index,
+                                                                            result.macs))
 
 
 @pytest.mark.slow  # bf16 kernels on the CPU are slow; the float32 runner tests stay fast

@@ -209,6 +209,34 @@ def test_a_new_spec_has_its_thresholds_checked_against_the_classes_again():
         runner(x)
 
 
+def test_a_spec_set_during_a_call_does_not_mix_with_the_one_the_call_began_with(monkeypatch):
+    # A call reads the spec in force once: a spec set between its input checks and its routing (another thread,
+    # bx.OnlineCalibrator) takes effect at the next call, and this one's decisions and MACs both follow the first.
+    x = torch.randn(16, 3, 8, 8)
+    module = bx.attach_exits(tiny(), bx.ExitSpec(exits=[bx.ExitPoint(layer="1"), bx.ExitPoint(layer="3")]),
+                             x[:1]).eval()
+    first = module.exit_spec.with_exits(threshold=[median_threshold(module, x, 0), median_threshold(module, x, 1)])
+    everyone_out = module.exit_spec.with_exits(threshold=[10.0, None])  # above log 5: all leave at exit 0
+    module.exit_spec = first
+    runner = bx.ExitRunner(module)
+    for batch in (x, x[:1]):
+        want = runner(batch)  # (and its MACs counted: the spec is set after the counting, not during it)
+        assert set(want.exit_index.tolist()) != {0} or len(batch) == 1
+        core = runner.core
+        real = core.batch_tensor
+
+        def set_meanwhile(values, real=real):
+            module.exit_spec = everyone_out
+            return real(values)
+
+        monkeypatch.setattr(core, "batch_tensor", set_meanwhile)
+        got = runner(batch)
+        monkeypatch.undo()
+        assert torch.equal(got.exit_index, want.exit_index) and torch.equal(got.macs, want.macs)
+        assert runner(batch).exit_index.tolist() == [0] * len(batch)  # the next call follows the new spec
+        module.exit_spec = first
+
+
 def test_a_shape_the_model_rejects_keeps_the_cause():
     x = torch.randn(2, 3, 8, 8)
     runner = bx.ExitRunner(bx.attach_exits(tiny(), bx.ExitSpec(exits=[bx.ExitPoint(layer="1", threshold=1.0)]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import html
+import random
 import statistics
 import time
 import warnings
@@ -49,11 +50,14 @@ def synchronize(device: torch.device | str | None) -> None:
 
 
 def interleaved(units: Sequence[Mapping[str, Callable[[], object]]], repeats: int,
-                device: torch.device | str | None = None) -> dict[str, list[float]]:
+                device: torch.device | str | None = None, *, shuffle: bool = False) -> dict[str, list[float]]:
     """Each variant's seconds over all ``units`` in each repeat, under ``torch.inference_mode``.
 
     A unit maps variant names to calls (one unit per batch, say). The variants run back to back on
-    each unit, in an order that rotates every repeat; one untimed pass warms them up first.
+    each unit, in an order that rotates every repeat; one untimed pass warms them up first. A rotation
+    keeps each variant after the same one (with three or more, whatever that one leaves in the caches,
+    or evicts, falls on it alone): ``shuffle=True`` draws the order at random for every unit and repeat
+    instead (seeded, so that runs repeat).
 
     >>> from branchify.runtime.benchmark import interleaved
     >>> totals = interleaved([{"a": lambda: None, "b": lambda: None}], repeats=3)
@@ -62,6 +66,7 @@ def interleaved(units: Sequence[Mapping[str, Callable[[], object]]], repeats: in
     """
     names = list(units[0])
     totals: dict[str, list[float]] = {name: [] for name in names}
+    draw = random.Random(0)
     with torch.inference_mode():
         for unit in units:  # warm-up: first-call allocations, lazy initialisation, MAC counts
             for fn in unit.values():
@@ -70,6 +75,8 @@ def interleaved(units: Sequence[Mapping[str, Callable[[], object]]], repeats: in
             order = names[r % len(names):] + names[:r % len(names)]
             spent = dict.fromkeys(names, 0.0)
             for unit in units:
+                if shuffle:
+                    order = draw.sample(names, len(names))
                 for name in order:
                     synchronize(device)
                     start = clock()

@@ -19,7 +19,7 @@ from torch import nn
 from .._inputs import Inputs, bind
 from .._propagate import describe_inputs
 from ..errors import BranchifyError
-from ..routing import ExitRule, exit_rules
+from ..routing import ExitRule, Judge, exit_rules
 from ..spec import ExitSpec
 from .carried import check_carried
 from .checks import check_inputs
@@ -116,6 +116,10 @@ def _signature(values: tuple, shapes: bool = False) -> tuple:
     """What ``RunnerCore.check`` reads of a call's inputs: per input, its type, or for a tensor its dtype, device,
     number of dims and whether its batch dim equals the first tensor's; with ``shapes``, also each tensor's shape
     without the batch dim (what ``RunnerCore.costs`` looks its MACs up by)."""
+    if len(values) == 1 and isinstance(values[0], torch.Tensor):  # one tensor, the common case, without the loop
+        a = values[0]
+        shape = a.shape
+        return ((a.dtype, a.device, len(shape), bool(shape), shape[1:] if shapes else None),)
     unset = batch = object()  # a plain loop: this runs on every call, and a generator costs twice its time
     signature = []
     for a in values:
@@ -155,11 +159,10 @@ class RunnerCore:
                  num_classes: int, dtype: torch.dtype | None, device: torch.device | None,
                  inputs: tuple[InputSpec, ...] | None) -> None:
         self.spec = spec
-        # The rules of the spec in force, the (exit, classes) pairs whose thresholds ``Judge`` has checked under
-        # them, and the MACs of the input signatures ``prepare`` has let through under them: swapped together, so
-        # that a thread never pairs one spec's rules with another's checks or costs.
-        self._routing: tuple[list[ExitRule | None], set[tuple[int, int]], dict[tuple, torch.Tensor]] = (
-            exit_rules(spec, deployed=True), set(), {})
+        # The rules of the spec in force, a ``Judge`` of them (which keeps the thresholds it has checked; each call
+        # judges with its ``fresh()``), and the MACs of the input signatures ``prepare`` has let through under them:
+        # swapped together, so that a thread never pairs one spec's rules with another's checks or costs.
+        self._routing: tuple[list[ExitRule | None], Judge, dict[tuple, torch.Tensor]] = self._routing_of(spec)
         self.stages = stages
         self.heads = heads
         self.head_inputs = list(head_inputs)
@@ -176,16 +179,21 @@ class RunnerCore:
 
     # --- the spec in force -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _routing_of(spec: ExitSpec) -> tuple[list[ExitRule | None], Judge, dict]:
+        rules = exit_rules(spec, deployed=True)
+        return rules, Judge(rules), {}
+
     def rules(self) -> list[ExitRule | None]:
         """The rule of each exit (None: off) of the spec in force; a module's new spec takes effect here."""
         return self._rules_in_force()[0]
 
-    def _rules_in_force(self) -> tuple[list[ExitRule | None], set[tuple[int, int]], dict[tuple, torch.Tensor]]:
+    def _rules_in_force(self) -> tuple[list[ExitRule | None], Judge, dict[tuple, torch.Tensor]]:
         module = self.module
         if module is not None and module.exit_spec is not self.spec:
             with self._lock:
                 if module.exit_spec is not self.spec:
-                    self._routing = (exit_rules(module.exit_spec, deployed=True), set(), {})
+                    self._routing = self._routing_of(module.exit_spec)
                     self.spec = module.exit_spec
                     self.macs.forget()  # the new spec may switch exits off, and an exit that is off is not charged
         return self._routing
@@ -221,13 +229,20 @@ class RunnerCore:
     def prepare(self, values: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
         """``check`` then ``costs``, in one lookup for inputs alike in what both read (``_signature`` with the
         shapes) to inputs already prepared under the spec in force (this runs on every call of the runner)."""
-        ready = self._rules_in_force()[2]
+        return self._prepared(values, names)[0]
+
+    def _prepared(self, values: tuple, names: tuple[str, ...] | None = None) -> tuple[torch.Tensor, tuple]:
+        """``prepare``'s costs, and the spec in force they belong to (its rules, judge and costs), for ``route``:
+        a call reads the spec in force once, so that a spec set meanwhile (another thread, bx.OnlineCalibrator)
+        cannot pair one spec's decisions with another's costs."""
+        routing = self._rules_in_force()
+        ready = routing[2]
         key = _signature(values, shapes=True)
         costs = ready.get(key)
         if costs is None:
             self.check(values)
             costs = ready[key] = self.costs(values, names)
-        return costs
+        return costs, routing
 
     def _check(self, values: tuple) -> None:
         names = None if self.inputs is None else (lambda: [i.name for i in self.inputs])
@@ -236,6 +251,8 @@ class RunnerCore:
 
     @staticmethod
     def batch_tensor(values: tuple) -> torch.Tensor:
+        if values and isinstance(values[0], torch.Tensor):  # the common case, without a generator (every call)
+            return values[0]
         return next(a for a in values if isinstance(a, torch.Tensor))
 
     def costs(self, values: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
@@ -282,14 +299,16 @@ class RunnerCore:
     # --- routing -----------------------------------------------------------------------------------------
 
     def route(self, stages: Sequence, heads: Sequence, values: tuple, names: tuple[str, ...] | None,
-              x: torch.Tensor, rules: Sequence[ExitRule | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              x: torch.Tensor, rules: Sequence[ExitRule | None] | None = None, *,
+              routing: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and exit index of the batch ``values``, run with ``stages`` and ``heads`` (compiled or not),
-        under ``rules`` (default: the spec in force; ``bx.OnlineCalibrator`` routes with its own)."""
+        under ``rules`` (default: the spec in force, or the one ``routing`` from ``_prepared`` holds;
+        ``bx.OnlineCalibrator`` routes with its own)."""
         if rules is None:
-            rules, checked, _ = self._rules_in_force()
+            rules, judge, _ = self._rules_in_force() if routing is None else routing
         else:
-            checked = None  # rules of the caller's own (bx.OnlineCalibrator): their thresholds are checked each call
-        return route_stages(stages, heads, self.head_inputs, rules, values, x, checked)
+            judge = None  # rules of the caller's own (bx.OnlineCalibrator): their thresholds are checked each call
+        return route_stages(stages, heads, self.head_inputs, rules, values, x, judge)
 
     def original(self, stages: Sequence, values: tuple, names: tuple[str, ...] | None):
         """The model's computation as the runner holds it, on the whole batch, without heads or routing."""
@@ -350,8 +369,10 @@ class HookedCore(RunnerCore):
         check_inputs(values, count=None, names=None, dtype=self.dtype, device=self.device, since=self.macs.since,
                      specs=specs, positional=True)
 
-    def route(self, stages, heads, values, names, x, rules=None):
-        return self.router.route(heads, self.rules() if rules is None else rules, values, names, x)
+    def route(self, stages, heads, values, names, x, rules=None, *, routing=None):
+        if rules is None:
+            rules = self.rules() if routing is None else routing[0]
+        return self.router.route(heads, rules, values, names, x)
 
     def original(self, stages, values, names):
         model = self.module.model
