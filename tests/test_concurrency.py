@@ -10,7 +10,7 @@ import torchvision
 import branchify as bx
 from tests.exits import spread_heads, with_mix
 
-THREADS, CALLS = 8, 50
+THREADS, CALLS = 8, 25  # 200 calls: each thread's first calls meet the others' on a cost table still filling
 
 
 def test_one_runner_called_from_eight_threads_gives_the_single_threaded_results():
@@ -25,7 +25,7 @@ def test_one_runner_called_from_eight_threads_gives_the_single_threaded_results(
     g = torch.Generator().manual_seed(1)
     calls = []
     for i in range(THREADS * CALLS):
-        size = (32, 32) if i % 3 else (40, 40)
+        size = (24, 24) if i % 3 else (32, 32)
         calls.append(torch.randn(int(torch.randint(1, 9, (1,), generator=g)), 3, *size, generator=g))
     reference = bx.ExitRunner(module)
     with torch.inference_mode():
