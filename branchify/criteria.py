@@ -135,7 +135,7 @@ def _float(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _negated_entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = (logits if logits.dtype is torch.float32 else logits.float()).log_softmax(-1)  # _float, inline
+    logp = F.log_softmax(_float(logits), dim=-1)
     probs = logp.exp()
     # in place unless autograd needs exp's output: one temporary fewer keeps a block of rows in the cache
     terms = probs * logp if probs.requires_grad else probs.mul_(logp)

@@ -145,13 +145,9 @@ class Judge:
 
     def __init__(self, rules: Sequence[ExitRule | None], target: torch.Tensor | None = None, *,
                  checked: set[tuple[int, int]] | None = None) -> None:
-        self.rules = rules  # only read
+        self.rules = list(rules)
         self.target = target
-        remembers = False  # a plain loop: the runner makes a judge per call, and a generator costs more
-        for rule in rules:
-            if rule is not None and rule.criterion.across_exits:
-                remembers = True
-        self._remembers = remembers
+        self._remembers = any(r is not None and r.criterion.across_exits for r in self.rules)
         self._prediction: torch.Tensor | None = None
         self._streak: torch.Tensor | None = None
         self._checked: set[tuple[int, int]] = set() if checked is None else checked
@@ -178,10 +174,7 @@ class Judge:
         mask); ``keep`` is never needed after it, since the sample either leaves or goes on."""
         if self._remembers or self.target is not None:
             return bool(self.fires(i, logits).item())
-        rule = self.rules[i]
-        if rule is None or (i, logits.shape[-1]) not in self._checked:  # ``_rule``, once per exit and classes
-            rule = self._rule(i, logits)
-        return rule.fires_one(logits)
+        return self._rule(i, logits).fires_one(logits)
 
     def _rule(self, i: int, logits: torch.Tensor) -> ExitRule:
         """Exit ``i``'s rule, its threshold checked against the number of classes of ``logits``."""

@@ -226,15 +226,12 @@ class RunnerCore:
         self._check(values)
         self._accepted.add(signature)
 
-    def prepare(self, values: tuple, names: tuple[str, ...] | None = None) -> torch.Tensor:
+    def prepare(self, values: tuple, names: tuple[str, ...] | None = None) -> tuple[torch.Tensor, tuple]:
         """``check`` then ``costs``, in one lookup for inputs alike in what both read (``_signature`` with the
-        shapes) to inputs already prepared under the spec in force (this runs on every call of the runner)."""
-        return self._prepared(values, names)[0]
-
-    def _prepared(self, values: tuple, names: tuple[str, ...] | None = None) -> tuple[torch.Tensor, tuple]:
-        """``prepare``'s costs, and the spec in force they belong to (its rules, judge and costs), for ``route``:
-        a call reads the spec in force once, so that a spec set meanwhile (another thread, bx.OnlineCalibrator)
-        cannot pair one spec's decisions with another's costs."""
+        shapes) to inputs already prepared under the spec in force (this runs on every call of the runner); and
+        that spec's routing (its rules, judge and costs), for ``route``: a call reads the spec in force once, so
+        that a spec set meanwhile (another thread, bx.OnlineCalibrator) cannot pair one spec's decisions with
+        another's costs."""
         routing = self._rules_in_force()
         ready = routing[2]
         key = _signature(values, shapes=True)
@@ -302,7 +299,7 @@ class RunnerCore:
               x: torch.Tensor, rules: Sequence[ExitRule | None] | None = None, *,
               routing: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and exit index of the batch ``values``, run with ``stages`` and ``heads`` (compiled or not),
-        under ``rules`` (default: the spec in force, or the one ``routing`` from ``_prepared`` holds;
+        under ``rules`` (default: the spec in force, or the one ``routing`` from ``prepare`` holds;
         ``bx.OnlineCalibrator`` routes with its own)."""
         if rules is None:
             rules, judge, _ = self._rules_in_force() if routing is None else routing

@@ -122,7 +122,7 @@ class ExitRunner:
                 "the module is in training mode (module.train() was called after the runner was built); "
                 "call module.eval() before running the runner")
         inputs, names = core.bind(args, kwargs)
-        costs, routing = core._prepared(inputs, names)  # follows a new spec before the costs are read
+        costs, routing = core.prepare(inputs, names)  # follows a new spec before the costs are read
         if torch.is_inference_mode_enabled():  # a caller's serving loop often is: entering again changes nothing
             return self._route(inputs, names, costs, routing)
         with _inference_mode():
